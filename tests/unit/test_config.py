@@ -1,0 +1,357 @@
+"""The configuration contract (DESIGN §3): valid files load, every mistake names its key path."""
+
+from __future__ import annotations
+
+import datetime
+import textwrap
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from relay.config import (
+    ClientCertificate,
+    ClientSecret,
+    load_config,
+    parse_config,
+    parse_duration,
+    parse_size,
+)
+from relay.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+TENANT = "11111111-2222-3333-4444-555555555555"
+APP = "66666666-7777-8888-9999-000000000000"
+SECRET = "Zq8Q~not-a-real-secret-value~abc"
+
+MINIMAL = f"""
+clients:
+  - name: printers
+    networks: [10.0.5.0/24]
+    senders: ["scanner@contoso.com"]
+auth_objects:
+  contoso:
+    tenant_id: {TENANT}
+    client_id: {APP}
+    client_secret_env: RELAY_SECRET
+routes:
+  - senders: ["*@contoso.com"]
+    auth_object: contoso
+"""
+
+
+def parse(text: str, tmp_path: Path | None = None, **env: str) -> object:
+    return parse_config(
+        textwrap.dedent(text), base_dir=tmp_path, environ={"RELAY_SECRET": SECRET, **env}
+    )
+
+
+def problems_of(text: str, tmp_path: Path | None = None, **env: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, tmp_path, **env)
+    return str(caught.value)
+
+
+def test_minimal_config_gets_safe_defaults() -> None:
+    """Only clients, auth_objects and routes are required; the rest defaults safely."""
+    config = parse_config(MINIMAL, environ={"RELAY_SECRET": SECRET})
+    assert config.smtp.listeners[0].address == "127.0.0.1"
+    assert config.smtp.listeners[0].port == 2525
+    assert config.smtp.max_message_size == 35_000_000
+    assert config.delivery.mode == "direct"
+    auth = config.auth_objects["contoso"]
+    assert auth.authority_url == f"https://login.microsoftonline.com/{TENANT}"
+    assert auth.graph_base_url == "https://graph.microsoft.com/v1.0"
+    assert auth.effective_scope == "https://graph.microsoft.com/.default"
+    assert auth.credential == ClientSecret(SECRET)
+
+
+def test_the_example_config_validates(tmp_path: Path) -> None:
+    """config.example.yaml, with its secret file present, is a valid configuration."""
+    text = (REPO / "config.example.yaml").read_text()
+    secret = tmp_path / "contoso"
+    secret.write_text(SECRET + "\n")
+    text = text.replace("/run/credentials/smtp-graph-relay.service/contoso", str(secret))
+    cert_file, key_file, _ = _certificate(tmp_path)
+    text = text.replace("/etc/smtp-graph-relay/tls.crt", str(cert_file))
+    text = text.replace("/etc/smtp-graph-relay/tls.key", str(key_file))
+    config = parse_config(text, environ={})
+    assert config.auth_objects["contoso"].credential == ClientSecret(SECRET)
+    assert len(config.routes) >= 1
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "words"),
+    [
+        ("smtp: {listners: []}", "smtp.listners", "valid keys here: hostname, listeners"),
+        (
+            "smtp: {listeners: [{port: 2525, tls: sometimes}]}",
+            "smtp.listeners[0].tls",
+            "'none', 'starttls' or 'implicit'",
+        ),
+        ("smtp: {listeners: [{port: 70000}]}", "smtp.listeners[0].port", "65535"),
+        ("smtp: {listeners: [{address: eth0}]}", "smtp.listeners[0].address", "not an IP"),
+        ("smtp: {listeners: [{tls: starttls}]}", "smtp", "smtp.tls is missing"),
+        ("smtp: {max_message_size: 35 megs}", "smtp.max_message_size", "is not a size"),
+        ("delivery: {inline_timeout: soon}", "delivery.inline_timeout", "is not a duration"),
+        ("delivery: {mode: hybrid}", "delivery.mode", "use mode: direct"),
+        ("logging: {format: xml}", "logging.format", "'text' or 'json'"),
+    ],
+)
+def test_invalid_values_name_the_key_path_and_the_fix(text: str, path: str, words: str) -> None:
+    """Each class of mistake points at the exact key and says what would be valid."""
+    message = problems_of(MINIMAL + text)
+    assert f"{path}:" in message
+    assert words in message
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "path", "words"),
+    [
+        (
+            "networks: [10.0.5.0/24]",
+            "networks: [10.0.5.1/24]",
+            "clients[0].networks[0]",
+            "did you mean 10.0.5.0/24",
+        ),
+        ("networks: [10.0.5.0/24]", "networks: []", "clients[0]", "networks is empty"),
+        (
+            'senders: ["scanner@contoso.com"]',
+            'senders: ["contoso.com"]',
+            "clients[0].senders[0]",
+            "'*@contoso.com'",
+        ),
+        (
+            f"tenant_id: {TENANT}",
+            "tenant_id: my tenant",
+            "auth_objects.contoso.tenant_id",
+            "Directory (tenant) ID",
+        ),
+        (
+            f"client_id: {APP}",
+            "client_id: relay-app",
+            "auth_objects.contoso.client_id",
+            "Application (client) ID",
+        ),
+        (
+            "auth_object: contoso",
+            "auth_object: contosso",
+            "routes[0].auth_object",
+            "use one of: contoso",
+        ),
+        ("auth_objects:\n", "auth_objectz:\n", "auth_objectz", "unknown key"),
+        (
+            "client_secret_env: RELAY_SECRET",
+            "client_secret_env: MISSING_VAR",
+            "auth_objects.contoso",
+            "$MISSING_VAR",
+        ),
+        (
+            "client_secret_env: RELAY_SECRET",
+            "cloud: global",
+            "auth_objects.contoso",
+            "set exactly one credential",
+        ),
+        (
+            "client_secret_env:",
+            "scope: https://graph.microsoft.com/Mail.Send\n    client_secret_env:",
+            "auth_objects.contoso.scope",
+            "/.default",
+        ),
+    ],
+)
+def test_invalid_sections_name_the_key_path(replace: str, by: str, path: str, words: str) -> None:
+    """Clients, auth objects and routes report their problems at the key that must change."""
+    assert replace in MINIMAL
+    message = problems_of(MINIMAL.replace(replace, by, 1))
+    assert f"{path}:" in message
+    assert words in message
+
+
+def test_unknown_key_inside_an_auth_object_lists_its_valid_keys() -> None:
+    """A typo under a named auth object is reported with the auth object's own keys."""
+    message = problems_of(MINIMAL.replace("client_id:", "clientid:"))
+    assert "auth_objects.contoso.clientid: unknown key" in message
+    assert "client_secret_file" in message
+
+
+def test_duplicate_yaml_keys_are_refused() -> None:
+    """PyYAML keeps the last of two equal keys; the relay refuses the file instead."""
+    message = problems_of(MINIMAL + "delivery: {}\ndelivery: {}\n")
+    assert "duplicate key 'delivery'" in message
+
+
+def test_yaml_syntax_error_names_the_line() -> None:
+    """A syntax error reports the line and column."""
+    message = problems_of("clients: [\n  - oops: {\n")
+    assert "line " in message
+    assert "YAML syntax" in message
+
+
+def test_secret_values_never_appear_in_errors() -> None:
+    """Even when an inline secret sits next to a mistake, the error does not echo it."""
+    text = MINIMAL.replace(
+        "client_secret_env: RELAY_SECRET", f"client_secret: {SECRET}\n    client_secret_env: X"
+    ).replace(f"client_id: {APP}", "client_id: wrong")
+    message = problems_of(text, X=SECRET)
+    assert SECRET not in message
+    config = parse_config(MINIMAL, environ={"RELAY_SECRET": SECRET})
+    assert SECRET not in repr(config)
+    assert SECRET not in str(config.auth_objects["contoso"].credential)
+
+
+def test_secret_file_is_read_relative_to_the_config_and_trimmed(tmp_path: Path) -> None:
+    """client_secret_file may be relative to the config file; a trailing newline is dropped."""
+    (tmp_path / "secret.txt").write_text(SECRET + "\n")
+    config_file = tmp_path / "relay.yaml"
+    config_file.write_text(
+        MINIMAL.replace("client_secret_env: RELAY_SECRET", "client_secret_file: secret.txt")
+    )
+    config = load_config(config_file, environ={})
+    assert config.auth_objects["contoso"].credential == ClientSecret(SECRET)
+
+
+def test_missing_secret_file_names_the_key_and_path(tmp_path: Path) -> None:
+    """A secret file that does not exist is a config error, not a crash at first mail."""
+    message = problems_of(
+        MINIMAL.replace("client_secret_env: RELAY_SECRET", "client_secret_file: nope.txt"),
+        tmp_path,
+    )
+    assert "auth_objects.contoso" in message
+    assert "nope.txt does not exist" in message
+
+
+def _certificate(tmp_path: Path) -> tuple[Path, Path, x509.Certificate]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .sign(key, hashes.SHA256())
+    )
+    cert_file = tmp_path / "app.crt"
+    key_file = tmp_path / "app.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file, cert
+
+
+def test_certificate_credential_derives_thumbprints(tmp_path: Path) -> None:
+    """certificate_file + private_key_file load, match each other and yield the thumbprints."""
+    cert_file, key_file, cert = _certificate(tmp_path)
+    config = parse(
+        MINIMAL.replace(
+            "client_secret_env: RELAY_SECRET",
+            f"certificate_file: {cert_file}\n    private_key_file: {key_file}",
+        )
+    )
+    credential = config.auth_objects["contoso"].credential  # type: ignore[attr-defined]
+    assert isinstance(credential, ClientCertificate)
+    assert credential.thumbprint_sha1 == cert.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303
+    assert "PRIVATE KEY" not in repr(credential)
+
+
+def test_certificate_and_foreign_key_are_refused(tmp_path: Path) -> None:
+    """A private key that does not belong to the certificate is caught at load time."""
+    cert_file, _, _ = _certificate(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, other_key, _ = _certificate(other)
+    message = problems_of(
+        MINIMAL.replace(
+            "client_secret_env: RELAY_SECRET",
+            f"certificate_file: {cert_file}\n    private_key_file: {other_key}",
+        )
+    )
+    assert "does not belong to certificate_file" in message
+
+
+def test_tls_files_must_load(tmp_path: Path) -> None:
+    """A missing certificate file is reported under smtp.tls with the path."""
+    message = problems_of(
+        MINIMAL + "smtp: {tls: {cert_file: missing.crt, key_file: missing.key}}", tmp_path
+    )
+    assert "smtp.tls:" in message
+    assert "missing.crt does not exist" in message
+
+
+def test_tls_key_must_match_certificate(tmp_path: Path) -> None:
+    """A certificate with somebody else's key is refused before any client connects."""
+    cert_file, _, _ = _certificate(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, other_key, _ = _certificate(other)
+    message = problems_of(
+        MINIMAL + f"smtp: {{tls: {{cert_file: {cert_file}, key_file: {other_key}}}}}", tmp_path
+    )
+    assert "smtp.tls:" in message
+    assert "matching" in message
+
+
+@pytest.mark.parametrize(
+    ("cloud", "authority", "graph"),
+    [
+        ("usgov", "https://login.microsoftonline.us", "https://graph.microsoft.us"),
+        ("usgov-dod", "https://login.microsoftonline.us", "https://dod-graph.microsoft.us"),
+        ("china", "https://login.chinacloudapi.cn", "https://microsoftgraph.chinacloudapi.cn"),
+    ],
+)
+def test_cloud_presets_set_both_hosts_and_the_scope(cloud: str, authority: str, graph: str) -> None:
+    """A national cloud changes the authority, the Graph endpoint and the default scope."""
+    config = parse(MINIMAL.replace("client_secret_env:", f"cloud: {cloud}\n    client_secret_env:"))
+    auth = config.auth_objects["contoso"]  # type: ignore[attr-defined]
+    assert auth.authority_url == f"{authority}/{TENANT}"
+    assert auth.graph_base_url == f"{graph}/v1.0"
+    assert auth.effective_scope == f"{graph}/.default"
+    assert auth.is_microsoft_cloud
+
+
+def test_custom_hosts_must_come_in_pairs() -> None:
+    """authority_host without graph_endpoint is ambiguous and refused."""
+    message = problems_of(
+        MINIMAL.replace(
+            "client_secret_env:", "authority_host: https://login.example\n    client_secret_env:"
+        )
+    )
+    assert "authority_host and graph_endpoint go together" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(1024, 1024), ("35MB", 35_000_000), ("35MiB", 35 * 2**20), ("1.5 KiB", 1536), ("10", 10)],
+)
+def test_sizes(text: object, expected: int) -> None:
+    """Sizes take decimal and binary units or plain bytes."""
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (30, 30.0),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("2h", 7200.0),
+        ("5d", 432000.0),
+        ("1h30m", 5400.0),
+        ("250ms", 0.25),
+    ],
+)
+def test_durations(text: object, expected: float) -> None:
+    """Durations take ms, s, m, h, d, combinations, or plain seconds."""
+    assert parse_duration(text) == expected

@@ -1,0 +1,137 @@
+"""The access policy as a table: who may send, as whom, to whom, through which route."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.config import ClientConfig, RouteConfig
+from relay.errors import PolicyError
+from relay.policy import (
+    check_authors,
+    check_envelope_sender,
+    check_recipient,
+    choose_route,
+    effective_sender,
+    identify_client,
+    matches_any,
+)
+
+PRINTERS = ClientConfig(name="printers", networks=["10.0.5.0/24"], senders=["scanner@contoso.com"])
+ERP = ClientConfig(
+    name="erp",
+    networks=["10.0.0.0/8", "2001:db8::/64"],
+    senders=["*@contoso.com"],
+    recipients=["*@contoso.com", "*@partner.example"],
+)
+CLIENTS = [PRINTERS, ERP]
+ROUTES = [
+    RouteConfig(senders=["alerts@contoso.com"], auth_object="ops", mailbox="noreply@contoso.com"),
+    RouteConfig(senders=["*@contoso.com"], auth_object="contoso"),
+]
+
+
+@pytest.mark.parametrize(
+    ("ip", "expected"),
+    [
+        ("10.0.5.7", "printers"),
+        ("10.9.9.9", "erp"),
+        ("::ffff:10.0.5.7", "printers"),
+        ("2001:db8::1", "erp"),
+    ],
+)
+def test_first_client_whose_network_contains_the_address_wins(ip: str, expected: str) -> None:
+    """Clients are matched in file order; IPv4-mapped IPv6 addresses count as IPv4."""
+    assert identify_client(CLIENTS, ip).name == expected
+
+
+@pytest.mark.parametrize("ip", ["192.0.2.1", "2001:db8:1::1", "not-an-ip", ""])
+def test_unknown_client_gets_relay_access_denied(ip: str) -> None:
+    """No network match is 550 5.7.1: the relay is never open."""
+    with pytest.raises(PolicyError) as caught:
+        identify_client(CLIENTS, ip)
+    assert (caught.value.reply.code, caught.value.reply.status) == (550, "5.7.1")
+    assert "Relay access denied" in caught.value.reply.text
+
+
+@pytest.mark.parametrize(
+    ("client", "sender", "allowed"),
+    [
+        (PRINTERS, "scanner@contoso.com", True),
+        (PRINTERS, "SCANNER@Contoso.COM", True),
+        (PRINTERS, "ceo@contoso.com", False),
+        (ERP, "anyone@contoso.com", True),
+        (ERP, "anyone@contoso.com.evil.example", False),
+        (ERP, "", True),
+    ],
+)
+def test_envelope_sender_must_match_the_client_patterns(
+    client: ClientConfig, sender: str, allowed: bool
+) -> None:
+    """MAIL FROM is checked case-insensitively against whole-address globs; <> waits for DATA."""
+    if allowed:
+        check_envelope_sender(client, sender)
+    else:
+        with pytest.raises(PolicyError) as caught:
+            check_envelope_sender(client, sender)
+        assert str(caught.value.reply).startswith("550 5.7.1 Sender <")
+
+
+def test_recipient_patterns_restrict_recipients_when_present() -> None:
+    """A client with recipient patterns may only send there; one without may send anywhere."""
+    check_recipient(ERP, "bob@partner.example")
+    check_recipient(PRINTERS, "anyone@anywhere.example")
+    with pytest.raises(PolicyError) as caught:
+        check_recipient(ERP, "victim@elsewhere.example")
+    assert caught.value.reply.code == 550
+
+
+def test_every_header_author_must_be_an_allowed_sender() -> None:
+    """A forged From header is refused even when MAIL FROM is allowed."""
+    check_authors(PRINTERS, ["scanner@contoso.com"])
+    with pytest.raises(PolicyError) as caught:
+        check_authors(PRINTERS, ["scanner@contoso.com", "ceo@contoso.com"])
+    assert "ceo@contoso.com" in caught.value.reply.text
+
+
+def test_null_sender_is_routed_by_the_header_from() -> None:
+    """MAIL FROM:<> uses the first From address; without any From it is refused."""
+    assert effective_sender("", ["scanner@contoso.com"]) == "scanner@contoso.com"
+    assert effective_sender("a@contoso.com", ["b@contoso.com"]) == "a@contoso.com"
+    with pytest.raises(PolicyError):
+        effective_sender("", [])
+
+
+def test_first_matching_route_wins_and_resolves_the_mailbox() -> None:
+    """mailbox: sender means the sender's own mailbox; a fixed mailbox is used as is."""
+    fixed = choose_route(ROUTES, "alerts@contoso.com")
+    assert (fixed.auth_object, fixed.mailbox, fixed.name) == (
+        "ops",
+        "noreply@contoso.com",
+        "routes[0]",
+    )
+    own = choose_route(ROUTES, "Jane@contoso.com")
+    assert (own.auth_object, own.mailbox) == ("contoso", "Jane@contoso.com")
+
+
+def test_sender_without_route_is_refused() -> None:
+    """A sender no route covers gets 550 5.7.1 rather than an arbitrary mailbox."""
+    with pytest.raises(PolicyError) as caught:
+        choose_route(ROUTES, "x@fabrikam.example")
+    assert str(caught.value.reply).startswith("550 5.7.1 No outbound route")
+
+
+@pytest.mark.parametrize(
+    ("address", "patterns", "expected"),
+    [
+        ("a@b.example", ["*"], True),
+        ("a@b.example", ["*@B.EXAMPLE"], True),
+        ("a@sub.b.example", ["*@b.example"], False),
+        ("a@sub.b.example", ["*@*.b.example"], True),
+        ("a@b.example", [], False),
+    ],
+)
+def test_glob_matching_is_whole_address_and_case_insensitive(
+    address: str, patterns: list[str], expected: bool
+) -> None:
+    """Patterns are anchored: a domain glob does not match subdomains unless it says so."""
+    assert matches_any(address, patterns) is expected
