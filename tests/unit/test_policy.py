@@ -16,12 +16,16 @@ from relay.policy import (
     matches_any,
 )
 
-PRINTERS = ClientConfig(name="printers", networks=["10.0.5.0/24"], senders=["scanner@contoso.com"])
-ERP = ClientConfig(
-    name="erp",
-    networks=["10.0.0.0/8", "2001:db8::/64"],
-    senders=["*@contoso.com"],
-    recipients=["*@contoso.com", "*@partner.example"],
+PRINTERS = ClientConfig.model_validate(
+    {"name": "printers", "networks": ["10.0.5.0/24"], "senders": ["scanner@contoso.com"]}
+)
+ERP = ClientConfig.model_validate(
+    {
+        "name": "erp",
+        "networks": ["10.0.0.0/8", "2001:db8::/64"],
+        "senders": ["*@contoso.com"],
+        "recipients": ["*@contoso.com", "*@partner.example"],
+    }
 )
 CLIENTS = [PRINTERS, ERP]
 ROUTES = [
