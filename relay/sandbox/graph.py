@@ -1,0 +1,249 @@
+# Why this module exists: the relay's Graph client (DESIGN §2 graph.py) and its error mapping
+# (DESIGN §5 table) must be tested against something that answers like Graph: bearer token,
+# Mail.Send role, mailbox existence and licence, the 4 MB request limit, MailboxConcurrency,
+# then the body checks of `messages`. This is the I/O shell around those pure checks: it reads
+# the request, keeps the concurrency bookkeeping, injects faults and records what it accepted.
+"""A stand-in for Microsoft Graph `POST /users/{id}/sendMail`."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import Callable
+
+from aiohttp import web
+
+from .access_tokens import (
+    GRAPH_APP_ID,
+    GRAPH_RESOURCE,
+    AccessTokens,
+    InvalidTokenError,
+    TokenClaims,
+)
+from .directory import Directory, Mailbox
+from .faults import ABORT, FaultPlan, GraphFault
+from .messages import GraphError, Submission, parse_json_submission, parse_mime_submission
+from .recorder import Journal, MailDir, ReceivedMail
+
+__all__ = ["MAILBOX_CONCURRENCY", "MAX_REQUEST_BYTES", "GraphService"]
+
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # Graph's per-request body limit
+MAILBOX_CONCURRENCY = 4  # concurrent requests per app and mailbox (throttling-limits.md)
+CONCURRENCY_RETRY_AFTER = "1"
+_DEFAULT_CODES = {
+    400: ("BadRequest", "The request is malformed or incorrect."),
+    401: ("InvalidAuthenticationToken", "Access token validation failure."),
+    403: ("ErrorAccessDenied", "Access is denied. Check credentials and try again."),
+    404: ("ErrorItemNotFound", "The specified object was not found in the store."),
+    429: ("TooManyRequests", "Too many requests. Retry after the time in Retry-After."),
+    500: ("InternalServerError", "An internal server error occurred."),
+    502: ("BadGateway", "The gateway received an invalid response."),
+    503: ("ServiceUnavailable", "The service is temporarily unavailable. Retry later."),
+    504: ("GatewayTimeout", "The gateway timed out waiting for the service."),
+}
+
+
+class GraphService:
+    """aiohttp handler for sendMail plus Graph-style error rendering."""
+
+    def __init__(
+        self,
+        directory: Directory,
+        tokens: AccessTokens,
+        faults: FaultPlan,
+        journal: Journal,
+        clock: Callable[[], float],
+        own_origins: Callable[[], frozenset[str]],
+        mail_dir: MailDir | None,
+    ) -> None:
+        self._directory = directory
+        self._tokens = tokens
+        self._faults = faults
+        self._journal = journal
+        self._clock = clock
+        self._own_origins = own_origins
+        self._mail_dir = mail_dir
+        self._app_in_flight: dict[tuple[str, str, str], int] = {}
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/{version:v1.0|beta}/users/{user}/sendMail", self.send_mail),
+            web.post("/{version:v1.0|beta}/me/sendMail", self.send_mail_me),
+        ]
+
+    async def send_mail_me(self, request: web.Request) -> web.StreamResponse:
+        self._journal.graph_requests += 1
+        try:
+            await _read_limited(request)
+            self._authenticate(request)
+            raise GraphError(
+                400, "BadRequest", "/me request is only valid with delegated authentication flow."
+            )
+        except GraphError as exc:
+            return await self._answer(request, self.error_response(request, exc))
+
+    async def send_mail(self, request: web.Request) -> web.StreamResponse:
+        self._journal.graph_requests += 1
+        try:
+            body = await _read_limited(request)
+            claims = self._authenticate(request)
+            mailbox = self._mailbox(request.match_info["user"])
+            slot = (claims.tenant_id, claims.client_id, mailbox.address)
+            if self._app_in_flight.get(slot, 0) >= MAILBOX_CONCURRENCY:
+                raise GraphError(
+                    429,
+                    "ApplicationThrottled",
+                    "Application is over its MailboxConcurrency limit.",
+                    retry_after=CONCURRENCY_RETRY_AFTER,
+                )
+        except GraphError as exc:
+            return await self._answer(request, self.error_response(request, exc))
+        self._app_in_flight[slot] = self._app_in_flight.get(slot, 0) + 1
+        self._journal.enter(mailbox.address)
+        await self._journal.notify()
+        try:
+            response = await self._accepted_request(request, body, mailbox)
+        finally:
+            self._app_in_flight[slot] -= 1
+            if not self._app_in_flight[slot]:
+                del self._app_in_flight[slot]
+            self._journal.leave(mailbox.address)
+        return await self._answer(request, response)
+
+    async def _accepted_request(
+        self, request: web.Request, body: bytes, mailbox: Mailbox
+    ) -> web.StreamResponse | None:
+        """Everything after admission: hold, latency, scripted faults, validation, recording.
+        None means the connection was aborted on purpose."""
+        await self._faults.wait_released()
+        if self._faults.latency:
+            await asyncio.sleep(self._faults.latency)
+        fault = self._faults.take_graph_fault(mailbox.address)
+        if fault is not None:
+            if fault.status == ABORT:
+                if request.transport is not None:
+                    request.transport.abort()
+                return None
+            return self.error_response(request, _fault_error(fault))
+        try:
+            submission = self._parse(request, body, mailbox)
+        except GraphError as exc:
+            return self.error_response(request, exc)
+        mail = ReceivedMail(
+            mailbox=mailbox.address,
+            request_id=request["request_id"],
+            kind=submission.kind,
+            mime=submission.mime,
+            json_body=submission.json_body,
+            recipients=submission.recipients,
+            from_address=submission.from_address,
+            save_to_sent_items=submission.save_to_sent_items,
+            received_at=self._clock(),
+            subject=submission.subject,
+        )
+        if self._mail_dir is not None:
+            await self._mail_dir.add(mail)
+        self._journal.received.append(mail)
+        return web.Response(status=202)
+
+    async def _answer(
+        self, request: web.Request, response: web.StreamResponse | None
+    ) -> web.StreamResponse:
+        if response is None:
+            self._journal.graph_statuses[ABORT] += 1
+            await self._journal.notify()
+            # The transport is gone; aiohttp discards whatever is returned for it.
+            return web.Response(status=500)
+        self._journal.graph_statuses[response.status] += 1
+        await self._journal.notify()
+        return response
+
+    def _authenticate(self, request: web.Request) -> TokenClaims:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise GraphError(401, "InvalidAuthenticationToken", "Access token is empty.")
+        audiences = frozenset({GRAPH_RESOURCE, GRAPH_APP_ID, *self._own_origins()})
+        try:
+            claims = self._tokens.validate(token.strip(), audiences)
+        except InvalidTokenError as exc:
+            raise GraphError(401, "InvalidAuthenticationToken", str(exc)) from exc
+        if "Mail.Send" not in claims.roles:
+            raise GraphError(
+                403, "ErrorAccessDenied", "Access is denied. Check credentials and try again."
+            )
+        return claims
+
+    def _mailbox(self, user: str) -> Mailbox:
+        mailbox = self._directory.find_mailbox(user)
+        if mailbox is None:
+            raise GraphError(404, "ErrorInvalidUser", f"The requested user '{user}' is invalid.")
+        if not mailbox.licensed:
+            raise GraphError(
+                404,
+                "MailboxNotEnabledForRESTAPI",
+                "The mailbox is either inactive, soft-deleted, or is hosted on-premise.",
+            )
+        return mailbox
+
+    @staticmethod
+    def _parse(request: web.Request, body: bytes, mailbox: Mailbox) -> Submission:
+        if request.content_type == "text/plain":
+            return parse_mime_submission(body, mailbox)
+        if request.content_type == "application/json":
+            return parse_json_submission(body, mailbox)
+        raise GraphError(
+            415,
+            "UnsupportedMediaType",
+            f"Content-Type '{request.content_type}' is not supported: use application/json for "
+            "a message resource or text/plain for base64 MIME.",
+        )
+
+    def error_response(self, request: web.Request, exc: GraphError) -> web.Response:
+        """Graph's error JSON, with innerError carrying the date and request ids."""
+        when = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+        request_id = request["request_id"]
+        inner = {
+            "date": when.strftime("%Y-%m-%dT%H:%M:%S"),
+            "request-id": request_id,
+            "client-request-id": request.headers.get("client-request-id", request_id),
+        }
+        headers = {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = exc.retry_after
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = (
+                f'Bearer realm="", authorization_uri="{request.scheme}://{request.host}'
+                f'/common/oauth2/authorize", client_id="{GRAPH_APP_ID}"'
+            )
+        payload = {"error": {"code": exc.code, "message": exc.message, "innerError": inner}}
+        return web.json_response(payload, status=exc.status, headers=headers)
+
+
+def _fault_error(fault: GraphFault) -> GraphError:
+    default_code, default_message = _DEFAULT_CODES.get(
+        fault.status, ("UnknownError", "An error was injected by the sandbox.")
+    )
+    return GraphError(
+        fault.status,
+        fault.code or default_code,
+        fault.message or default_message,
+        retry_after=fault.retry_after,
+    )
+
+
+async def _read_limited(request: web.Request) -> bytes:
+    """The request body, or 413 once it passes MAX_REQUEST_BYTES. An oversized body is still
+    drained so the client sees the answer instead of a reset while it is sending."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size <= MAX_REQUEST_BYTES:
+            chunks.append(chunk)
+    if size > MAX_REQUEST_BYTES:
+        raise GraphError(
+            413,
+            "RequestEntityTooLarge",
+            f"The request body is {size} bytes; the maximum request length supported is 4MB.",
+        )
+    return b"".join(chunks)
