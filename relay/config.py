@@ -185,7 +185,7 @@ class ListenerConfig(_Model):
     """One SMTP listening socket."""
 
     address: str = "127.0.0.1"
-    port: int = Field(default=2525, ge=1, le=65535)
+    port: int = Field(default=2525, ge=0, le=65535)  # 0: any free port (tests)
     tls: Literal["none", "starttls", "implicit"] = "none"
     auth: Literal["none", "optional", "required"] = "none"
 
@@ -419,11 +419,15 @@ class AuthObjectConfig(_Model):
                 "clouds, or the two hosts for anything else"
             )
         context: Mapping[str, Any] = info.context or {}
+        base_dir: Path = context.get("base_dir", Path.cwd())
         self._credential = _resolve_credential(
-            self,
-            environ=context.get("environ", os.environ),
-            base_dir=context.get("base_dir", Path.cwd()),
+            self, environ=context.get("environ", os.environ), base_dir=base_dir
         )
+        if self.ca_file is not None:
+            ca_file = self.resolve_path(self.ca_file, base_dir)
+            if not ca_file.is_file():
+                raise ValueError(f"ca_file {ca_file} does not exist; fix the path or remove it")
+            object.__setattr__(self, "ca_file", ca_file)
         return self
 
     @property
