@@ -4,7 +4,8 @@
 # test suite and by `smtp-graph-relay sandbox`. One module per concern: pki (certificates),
 # jose (JWS), directory (tenants/apps/mailboxes), access_tokens, entra (discovery + token
 # endpoint), messages (pure sendMail body checks), graph (sendMail handler), faults, recorder
-# (journal + mail folder), server (the Sandbox that composes them).
+# (journal + mail folder), backend (the state Entra and Graph share), server (the Sandbox that
+# composes them).
 """Local stand-in for Microsoft Entra ID and Microsoft Graph sendMail.
 
 async with Sandbox(state_dir=tmp_path) as sandbox:

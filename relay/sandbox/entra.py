@@ -12,16 +12,14 @@ import binascii
 import datetime
 import hmac
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from urllib.parse import unquote_plus
 
 from aiohttp import web
 
-from .access_tokens import AccessTokens
-from .directory import AppRegistration, Directory
-from .faults import FaultPlan
+from .backend import Backend
+from .directory import AppRegistration
 from .jose import JoseError, parse_compact, verify_rsa_signature
-from .recorder import Journal
 
 __all__ = ["EntraService"]
 
@@ -40,21 +38,8 @@ class EntraError(Exception):
 class EntraService:
     """aiohttp handlers for discovery and the token endpoint."""
 
-    def __init__(
-        self,
-        directory: Directory,
-        tokens: AccessTokens,
-        faults: FaultPlan,
-        journal: Journal,
-        clock: Callable[[], float],
-        graph_resources: Callable[[], frozenset[str]],
-    ) -> None:
-        self._directory = directory
-        self._tokens = tokens
-        self._faults = faults
-        self._journal = journal
-        self._clock = clock
-        self._graph_resources = graph_resources
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -65,9 +50,9 @@ class EntraService:
 
     async def discovery(self, request: web.Request) -> web.StreamResponse:
         tenant = request.match_info["tenant"]
-        if self._faults.token_down:
+        if self._backend.faults.token_down:
             return _gateway_error(503)
-        if not self._directory.has_tenant(tenant):
+        if not self._backend.directory.has_tenant(tenant):
             return self._error(
                 request,
                 EntraError(
@@ -113,11 +98,11 @@ class EntraService:
         return web.json_response({"keys": []})
 
     async def token(self, request: web.Request) -> web.StreamResponse:
-        self._journal.token_requests += 1
+        self._backend.journal.token_requests += 1
         try:
-            if self._faults.token_down:
+            if self._backend.faults.token_down:
                 return _gateway_error(503)
-            status = self._faults.take_token_fault()
+            status = self._backend.faults.take_token_fault()
             if status is not None:
                 return _gateway_error(status)
             try:
@@ -126,8 +111,8 @@ class EntraService:
                 access_token = self._grant(request, fields)
             except EntraError as exc:
                 return self._error(request, exc)
-            self._journal.tokens_issued += 1
-            lifetime = self._tokens.lifetime
+            self._backend.journal.tokens_issued += 1
+            lifetime = self._backend.tokens.lifetime
             return web.json_response(
                 {
                     "token_type": "Bearer",
@@ -138,11 +123,11 @@ class EntraService:
                 headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
             )
         finally:
-            await self._journal.notify()
+            await self._backend.journal.notify()
 
     def _grant(self, request: web.Request, form: Mapping[str, str]) -> str:
         tenant = request.match_info["tenant"]
-        if not self._directory.has_tenant(tenant):
+        if not self._backend.directory.has_tenant(tenant):
             raise EntraError(
                 400,
                 "invalid_request",
@@ -166,7 +151,7 @@ class EntraService:
         client_id = form.get("client_id") or basic_id
         if not client_id:
             raise _missing("client_id")
-        app = self._directory.find_app(tenant, client_id)
+        app = self._backend.directory.find_app(tenant, client_id)
         if app is None:
             raise EntraError(
                 400,
@@ -209,7 +194,7 @@ class EntraService:
                 "'client_secret'.",
             )
         self._check_scope(form.get("scope"))
-        return self._tokens.issue(app, issuer_host="https://sts.windows.net")
+        return self._backend.tokens.issue(app, issuer_host="https://sts.windows.net")
 
     def _check_scope(self, scope: str | None) -> None:
         if not scope:
@@ -226,7 +211,7 @@ class EntraService:
                     "(application ID URI).",
                 )
         resource = scopes[0].removesuffix("/.default").rstrip("/").lower()
-        if len(scopes) > 1 or resource not in self._graph_resources():
+        if len(scopes) > 1 or resource not in self._backend.resources():
             raise EntraError(
                 400,
                 "invalid_scope",
@@ -267,7 +252,7 @@ class EntraService:
         expected_aud = f"{tenant_base}/oauth2/v2.0/token".lower()
         if str(claims.get("aud", "")).lower() != expected_aud:
             raise _bad_assertion(app, shown, f"The audience must be '{expected_aud}'.")
-        now = self._clock()
+        now = self._backend.clock()
         exp, nbf = claims.get("exp"), claims.get("nbf", now)
         if not isinstance(exp, (int, float)) or not isinstance(nbf, (int, float)):
             raise _bad_assertion(app, shown, "The assertion has no numeric 'exp' claim.")
@@ -282,7 +267,7 @@ class EntraService:
             )
 
     def _error(self, request: web.Request, exc: EntraError) -> web.Response:
-        now = self._clock()
+        now = self._backend.clock()
         stamp = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
         trace_id = str(uuid.uuid4())
         correlation_id = request.headers.get("client-request-id") or str(uuid.uuid4())

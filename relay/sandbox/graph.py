@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import Callable
 
 from aiohttp import web
 
-from .access_tokens import (
-    GRAPH_APP_ID,
-    GRAPH_RESOURCE,
-    AccessTokens,
-    InvalidTokenError,
-    TokenClaims,
-)
-from .directory import Directory, Mailbox
-from .faults import ABORT, FaultPlan, GraphFault
+from .access_tokens import GRAPH_APP_ID, InvalidTokenError, TokenClaims
+from .backend import Backend
+from .directory import Mailbox
+from .faults import ABORT, GraphFault
 from .messages import GraphError, Submission, parse_json_submission, parse_mime_submission
-from .recorder import Journal, MailDir, ReceivedMail
+from .recorder import MailDir, ReceivedMail
 
 __all__ = ["MAILBOX_CONCURRENCY", "MAX_REQUEST_BYTES", "GraphService"]
 
@@ -46,22 +40,8 @@ _DEFAULT_CODES = {
 class GraphService:
     """aiohttp handler for sendMail plus Graph-style error rendering."""
 
-    def __init__(
-        self,
-        directory: Directory,
-        tokens: AccessTokens,
-        faults: FaultPlan,
-        journal: Journal,
-        clock: Callable[[], float],
-        own_origins: Callable[[], frozenset[str]],
-        mail_dir: MailDir | None,
-    ) -> None:
-        self._directory = directory
-        self._tokens = tokens
-        self._faults = faults
-        self._journal = journal
-        self._clock = clock
-        self._own_origins = own_origins
+    def __init__(self, backend: Backend, mail_dir: MailDir | None) -> None:
+        self._backend = backend
         self._mail_dir = mail_dir
         self._app_in_flight: dict[tuple[str, str, str], int] = {}
 
@@ -72,7 +52,7 @@ class GraphService:
         ]
 
     async def send_mail_me(self, request: web.Request) -> web.StreamResponse:
-        self._journal.graph_requests += 1
+        self._backend.journal.graph_requests += 1
         try:
             await _read_limited(request)
             self._authenticate(request)
@@ -83,7 +63,7 @@ class GraphService:
             return await self._answer(request, self.error_response(request, exc))
 
     async def send_mail(self, request: web.Request) -> web.StreamResponse:
-        self._journal.graph_requests += 1
+        self._backend.journal.graph_requests += 1
         try:
             body = await _read_limited(request)
             claims = self._authenticate(request)
@@ -99,15 +79,15 @@ class GraphService:
         except GraphError as exc:
             return await self._answer(request, self.error_response(request, exc))
         self._app_in_flight[slot] = self._app_in_flight.get(slot, 0) + 1
-        self._journal.enter(mailbox.address)
-        await self._journal.notify()
+        self._backend.journal.enter(mailbox.address)
+        await self._backend.journal.notify()
         try:
             response = await self._accepted_request(request, body, mailbox)
         finally:
             self._app_in_flight[slot] -= 1
             if not self._app_in_flight[slot]:
                 del self._app_in_flight[slot]
-            self._journal.leave(mailbox.address)
+            self._backend.journal.leave(mailbox.address)
         return await self._answer(request, response)
 
     async def _accepted_request(
@@ -115,10 +95,10 @@ class GraphService:
     ) -> web.StreamResponse | None:
         """Everything after admission: hold, latency, scripted faults, validation, recording.
         None means the connection was aborted on purpose."""
-        await self._faults.wait_released()
-        if self._faults.latency:
-            await asyncio.sleep(self._faults.latency)
-        fault = self._faults.take_graph_fault(mailbox.address)
+        await self._backend.faults.wait_released()
+        if self._backend.faults.latency:
+            await asyncio.sleep(self._backend.faults.latency)
+        fault = self._backend.faults.take_graph_fault(mailbox.address)
         if fault is not None:
             if fault.status == ABORT:
                 if request.transport is not None:
@@ -138,33 +118,32 @@ class GraphService:
             recipients=submission.recipients,
             from_address=submission.from_address,
             save_to_sent_items=submission.save_to_sent_items,
-            received_at=self._clock(),
+            received_at=self._backend.clock(),
             subject=submission.subject,
         )
         if self._mail_dir is not None:
             await self._mail_dir.add(mail)
-        self._journal.received.append(mail)
+        self._backend.journal.received.append(mail)
         return web.Response(status=202)
 
     async def _answer(
         self, request: web.Request, response: web.StreamResponse | None
     ) -> web.StreamResponse:
         if response is None:
-            self._journal.graph_statuses[ABORT] += 1
-            await self._journal.notify()
+            self._backend.journal.graph_statuses[ABORT] += 1
+            await self._backend.journal.notify()
             # The transport is gone; aiohttp discards whatever is returned for it.
             return web.Response(status=500)
-        self._journal.graph_statuses[response.status] += 1
-        await self._journal.notify()
+        self._backend.journal.graph_statuses[response.status] += 1
+        await self._backend.journal.notify()
         return response
 
     def _authenticate(self, request: web.Request) -> TokenClaims:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise GraphError(401, "InvalidAuthenticationToken", "Access token is empty.")
-        audiences = frozenset({GRAPH_RESOURCE, GRAPH_APP_ID, *self._own_origins()})
         try:
-            claims = self._tokens.validate(token.strip(), audiences)
+            claims = self._backend.tokens.validate(token.strip(), self._backend.resources())
         except InvalidTokenError as exc:
             raise GraphError(401, "InvalidAuthenticationToken", str(exc)) from exc
         if "Mail.Send" not in claims.roles:
@@ -174,7 +153,7 @@ class GraphService:
         return claims
 
     def _mailbox(self, user: str) -> Mailbox:
-        mailbox = self._directory.find_mailbox(user)
+        mailbox = self._backend.directory.find_mailbox(user)
         if mailbox is None:
             raise GraphError(404, "ErrorInvalidUser", f"The requested user '{user}' is invalid.")
         if not mailbox.licensed:
@@ -200,7 +179,7 @@ class GraphService:
 
     def error_response(self, request: web.Request, exc: GraphError) -> web.Response:
         """Graph's error JSON, with innerError carrying the date and request ids."""
-        when = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+        when = datetime.datetime.fromtimestamp(self._backend.clock(), datetime.UTC)
         request_id = request["request_id"]
         inner = {
             "date": when.strftime("%Y-%m-%dT%H:%M:%S"),

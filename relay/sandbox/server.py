@@ -20,6 +20,7 @@ from typing import Self
 from aiohttp import web
 
 from .access_tokens import GRAPH_APP_ID, GRAPH_RESOURCE, AccessTokens
+from .backend import Backend
 from .directory import Directory
 from .entra import EntraService
 from .faults import FaultPlan
@@ -62,18 +63,11 @@ class Sandbox:
         self._directory = Directory(open_mailboxes=open_mailboxes)
         self._tokens = AccessTokens(self._directory, clock, token_lifetime)
         self._mail_dir = MailDir(Path(mail_dir)) if mail_dir is not None else None
-        self._entra = EntraService(
+        backend = Backend(
             self._directory, self._tokens, self.faults, self._journal, clock, self._own_resources
         )
-        self._graph = GraphService(
-            self._directory,
-            self._tokens,
-            self.faults,
-            self._journal,
-            clock,
-            self._own_resources,
-            self._mail_dir,
-        )
+        self._entra = EntraService(backend)
+        self._graph = GraphService(backend, self._mail_dir)
         self._runner: web.AppRunner | None = None
 
     # -- lifecycle ------------------------------------------------------------------------

@@ -137,45 +137,34 @@ async def test_msmtp_plain_delivers(relay: RelayService, sandbox: Sandbox) -> No
     assert mail.subject == "msmtp plain"
 
 
-async def test_msmtp_starttls_verifies_the_relay_certificate(
-    start_relay: RelayFactory, sandbox: Sandbox, relay_tls: TlsFiles, tmp_path: Path
+@pytest.mark.parametrize(
+    ("tls", "starttls"), [("starttls", "on"), ("implicit", "off")], ids=["starttls", "implicit"]
+)
+async def test_msmtp_verifies_the_relay_certificate_and_delivers_over_tls(
+    start_relay: RelayFactory,
+    sandbox: Sandbox,
+    relay_tls: TlsFiles,
+    tmp_path: Path,
+    tls: str,
+    starttls: str,
 ) -> None:
-    """msmtp with STARTTLS and certificate verification against the relay's CA delivers."""
-    relay = await start_relay(tls=True, listeners="[{address: 127.0.0.1, port: 0, tls: starttls}]")
+    """msmtp with STARTTLS, or with implicit TLS (tls_starttls off), verifies the relay's
+    certificate against the relay's CA and delivers."""
+    relay = await start_relay(tls=True, listeners=f"[{{address: 127.0.0.1, port: 0, tls: {tls}}}]")
     ca_file = tmp_path / "relay-ca.pem"
     relay_tls.ca.cert_pem.write_to_path(str(ca_file))
     code, output = await run(
         *msmtp(
             relay.listeners[0].port,
             "--tls=on",
-            "--tls-starttls=on",
+            f"--tls-starttls={starttls}",
             f"--tls-trust-file={ca_file}",
         ),
-        stdin=message(subject="msmtp starttls"),
+        stdin=message(subject=f"msmtp {tls}"),
     )
     assert code == 0, output
     [mail] = await sandbox.wait_for_mail(1)
-    assert mail.subject == "msmtp starttls"
-
-
-async def test_msmtp_implicit_tls_delivers(
-    start_relay: RelayFactory, sandbox: Sandbox, relay_tls: TlsFiles, tmp_path: Path
-) -> None:
-    """msmtp with implicit TLS (tls_starttls off) delivers."""
-    relay = await start_relay(tls=True, listeners="[{address: 127.0.0.1, port: 0, tls: implicit}]")
-    ca_file = tmp_path / "relay-ca.pem"
-    relay_tls.ca.cert_pem.write_to_path(str(ca_file))
-    code, output = await run(
-        *msmtp(
-            relay.listeners[0].port,
-            "--tls=on",
-            "--tls-starttls=off",
-            f"--tls-trust-file={ca_file}",
-        ),
-        stdin=message(subject="msmtp implicit"),
-    )
-    assert code == 0, output
-    assert len(await sandbox.wait_for_mail(1)) == 1
+    assert mail.subject == f"msmtp {tls}"
 
 
 async def test_msmtp_reports_a_temporary_failure(relay: RelayService, sandbox: Sandbox) -> None:

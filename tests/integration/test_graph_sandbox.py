@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,11 @@ import pytest
 
 from relay.config import AuthObjectConfig
 from relay.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
-from relay.graph import GraphClient
+from relay.graph import GraphClient, SendResult
 from relay.sandbox import ABORT, Sandbox
 from relay.tokens import TokenProvider
+from tests.sandbox_auth import CLIENT, SECRET, TENANT, auth_for
 
-TENANT = "11111111-2222-3333-4444-555555555555"
-CLIENT = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
-SECRET = "sandbox~Secret.Value_0123456789"
 MAILBOX = "scanner@contoso.com"
 
 
@@ -47,18 +46,26 @@ class Rig:
         )  # fmt: skip
 
 
-def _auth(sandbox: Sandbox, base_dir: Path, **overrides: Any) -> AuthObjectConfig:
-    data: dict[str, Any] = {
-        "tenant_id": TENANT,
-        "client_id": CLIENT,
-        "client_secret": SECRET,
-        "authority_host": sandbox.authority_host,
-        "graph_endpoint": sandbox.graph_endpoint,
-        "ca_file": str(sandbox.ca_file),
-        **overrides,
-    }
-    data = {key: value for key, value in data.items() if value is not None}
-    return AuthObjectConfig.model_validate(data, context={"environ": {}, "base_dir": base_dir})
+@asynccontextmanager
+async def _clients(
+    auth: AuthObjectConfig, *, total_seconds: float = 10.0, connect_seconds: float = 5.0
+) -> AsyncIterator[tuple[TokenProvider, GraphClient]]:
+    """The relay's token provider and a started Graph client for `auth` (with those timeouts);
+    both are closed on the way out."""
+    tokens = TokenProvider({"contoso": auth})
+    graph = GraphClient(tokens, timeout=total_seconds, connect_timeout=connect_seconds)
+    try:
+        await graph.start()
+        yield tokens, graph
+    finally:
+        await graph.close()
+        tokens.close()
+
+
+async def _send_once(auth: AuthObjectConfig, **timeouts: float) -> SendResult:
+    """Send the default message as MAILBOX through clients made for this one call."""
+    async with _clients(auth, **timeouts) as (_, graph):
+        return await graph.send_mime(auth, "contoso", MAILBOX, _mime(), client_request_id="c")
 
 
 @pytest.fixture
@@ -66,15 +73,9 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     async with Sandbox(state_dir=tmp_path / "sandbox") as sandbox:
         sandbox.add_app(TENANT, CLIENT, secret=SECRET)
         sandbox.add_mailbox(MAILBOX)
-        auth = _auth(sandbox, tmp_path)
-        tokens = TokenProvider({"contoso": auth})
-        graph = GraphClient(tokens, timeout=10.0, connect_timeout=5.0)
-        await graph.start()
-        try:
+        auth = auth_for(sandbox, tmp_path)
+        async with _clients(auth) as (tokens, graph):
             yield Rig(sandbox, auth, tokens, graph)
-        finally:
-            await graph.close()
-            tokens.close()
 
 
 async def test_a_message_is_delivered_over_tls_and_graph_gets_the_exact_mime(rig: Rig) -> None:
@@ -148,15 +149,8 @@ async def test_a_slow_graph_is_a_timeout(tmp_path: Path) -> None:
         sandbox.add_app(TENANT, CLIENT, secret=SECRET)
         sandbox.add_mailbox(MAILBOX)
         sandbox.faults.graph_latency(2.0)
-        auth = _auth(sandbox, tmp_path)
-        tokens = TokenProvider({"contoso": auth})
-        graph = GraphClient(tokens, timeout=0.5, connect_timeout=0.5)
-        try:
-            with pytest.raises(TransientDeliveryError) as caught:
-                await graph.send_mime(auth, "contoso", MAILBOX, _mime(), client_request_id="c")
-        finally:
-            await graph.close()
-            tokens.close()
+        with pytest.raises(TransientDeliveryError) as caught:
+            await _send_once(auth_for(sandbox, tmp_path), total_seconds=0.5, connect_seconds=0.5)
     assert "did not answer within 0.5s" in caught.value.message
 
 
@@ -213,15 +207,8 @@ async def test_an_app_without_mail_send_is_550_571_with_the_consent_remedy(
     async with Sandbox(state_dir=tmp_path / "sandbox") as sandbox:
         sandbox.add_app(TENANT, CLIENT, secret=SECRET, roles=())
         sandbox.add_mailbox(MAILBOX)
-        auth = _auth(sandbox, tmp_path)
-        tokens = TokenProvider({"contoso": auth})
-        graph = GraphClient(tokens)
-        try:
-            with pytest.raises(PermanentDeliveryError) as caught:
-                await graph.send_mime(auth, "contoso", MAILBOX, _mime(), client_request_id="c")
-        finally:
-            await graph.close()
-            tokens.close()
+        with pytest.raises(PermanentDeliveryError) as caught:
+            await _send_once(auth_for(sandbox, tmp_path))
     assert caught.value.code == "ErrorAccessDenied"
     assert "admin consent" in caught.value.remedy
 
@@ -237,15 +224,8 @@ async def test_token_failures_reach_the_caller_as_451_470(tmp_path: Path) -> Non
     """A wrong secret surfaces from send_mime as the token provider's 451 4.7.0 alert."""
     async with Sandbox(state_dir=tmp_path / "sandbox") as sandbox:
         sandbox.add_app(TENANT, CLIENT, secret=SECRET)
-        auth = _auth(sandbox, tmp_path, client_secret="wrong~secret")
-        tokens = TokenProvider({"contoso": auth})
-        graph = GraphClient(tokens)
-        try:
-            with pytest.raises(TransientDeliveryError) as caught:
-                await graph.send_mime(auth, "contoso", MAILBOX, _mime(), client_request_id="c")
-        finally:
-            await graph.close()
-            tokens.close()
+        with pytest.raises(TransientDeliveryError) as caught:
+            await _send_once(auth_for(sandbox, tmp_path, client_secret="wrong~secret"))
     assert caught.value.code == "AADSTS7000215"
     assert sandbox.graph_requests == 0
 
@@ -253,7 +233,7 @@ async def test_token_failures_reach_the_caller_as_451_470(tmp_path: Path) -> Non
 async def test_graph_is_untrusted_without_ca_file(rig: Rig, tmp_path: Path) -> None:
     """Without the sandbox CA as ca_file, TLS verification of Graph fails: transient alert."""
     token_auth = rig.auth
-    bare = _auth(rig.sandbox, tmp_path, ca_file=None)
+    bare = auth_for(rig.sandbox, tmp_path, ca_file=None)
     await rig.tokens.get_token("contoso")  # the token provider itself trusts ca_file
     with pytest.raises(TransientDeliveryError) as caught:
         await rig.graph.send_mime(bare, "contoso", MAILBOX, _mime(), client_request_id="c")
@@ -268,7 +248,7 @@ async def test_an_unreachable_graph_is_451_442(rig: Rig, tmp_path: Path) -> None
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    dead = _auth(rig.sandbox, tmp_path, graph_endpoint=f"https://127.0.0.1:{port}")
+    dead = auth_for(rig.sandbox, tmp_path, graph_endpoint=f"https://127.0.0.1:{port}")
     with pytest.raises(TransientDeliveryError) as caught:
         await rig.graph.send_mime(dead, "contoso", MAILBOX, _mime(), client_request_id="c")
     assert str(caught.value.reply).startswith("451 4.4.2")
@@ -284,7 +264,7 @@ def _dead_proxy() -> str:
 async def test_the_auth_objects_proxy_carries_graph_requests(rig: Rig, tmp_path: Path) -> None:
     """auth.proxy is used for sendMail; a dead proxy is a transient connection failure."""
     await rig.tokens.get_token("contoso")
-    proxied = _auth(rig.sandbox, tmp_path, proxy=_dead_proxy())
+    proxied = auth_for(rig.sandbox, tmp_path, proxy=_dead_proxy())
     with pytest.raises(TransientDeliveryError) as caught:
         await rig.graph.send_mime(proxied, "contoso", MAILBOX, _mime(), client_request_id="c")
     assert str(caught.value.reply).startswith("451 4.4.2")

@@ -21,12 +21,10 @@ import aiohttp
 import msal
 import pytest
 import requests  # type: ignore[import-untyped, unused-ignore]
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import hashes
 
 from relay.sandbox import MAX_REQUEST_BYTES, ReceivedMail, Sandbox
+from tests.certificates import SelfSigned, self_signed
 
 TENANT = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 CLIENT = "11111111-2222-3333-4444-555555555555"
@@ -133,33 +131,11 @@ def send_url(sandbox: Sandbox, mailbox: str = MAILBOX) -> str:
     return f"{sandbox.graph_endpoint}/v1.0/users/{mailbox}/sendMail"
 
 
-def make_certificate() -> tuple[bytes, bytes]:
-    """A self-signed RSA certificate and its private key, both PEM."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay test app")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-
 @pytest.fixture(scope="module")
-def certificates() -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
-    """Two distinct certificates (RSA key generation is the slow part; do it once)."""
-    return make_certificate(), make_certificate()
+def certificates() -> tuple[SelfSigned, SelfSigned]:
+    """Two distinct self-signed RSA certificates with their keys (RSA key generation is the slow
+    part; do it once)."""
+    return self_signed("relay test app"), self_signed("relay test app")
 
 
 @pytest.fixture
@@ -226,30 +202,33 @@ async def test_msal_gets_a_token_with_a_client_secret(sandbox: Sandbox) -> None:
 @pytest.mark.parametrize("thumbprint_kind", ["sha1", "sha256"])
 async def test_msal_gets_a_token_with_a_certificate(
     sandbox: Sandbox,
-    certificates: tuple[tuple[bytes, bytes], tuple[bytes, bytes]],
+    certificates: tuple[SelfSigned, SelfSigned],
     thumbprint_kind: str,
 ) -> None:
     """A JWT client assertion signed with the registered certificate's key is accepted, whether
     MSAL names it by SHA-1 `x5t` (RS256) or by SHA-256 `x5t#S256` (PS256)."""
-    cert_pem, key_pem = certificates[0]
-    sandbox.add_app(TENANT, CLIENT, certificate_pem=cert_pem)
-    credential: dict[str, Any] = {"private_key": key_pem.decode()}
+    registered = certificates[0]
+    sandbox.add_app(TENANT, CLIENT, certificate_pem=registered.cert_pem)
+    credential: dict[str, Any] = {"private_key": registered.key_pem.decode()}
     if thumbprint_kind == "sha1":
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        credential["thumbprint"] = cert.fingerprint(hashes.SHA1()).hex()  # noqa: S303
+        thumbprint = registered.certificate.fingerprint(hashes.SHA1()).hex()  # noqa: S303
+        credential["thumbprint"] = thumbprint
     else:
-        credential["public_certificate"] = cert_pem.decode()
+        credential["public_certificate"] = registered.cert_pem.decode()
     result = await asyncio.to_thread(acquire_token, sandbox, credential)
     assert "access_token" in result, result
 
 
 async def test_assertion_signed_by_another_key_is_aadsts700027(
-    sandbox: Sandbox, certificates: tuple[tuple[bytes, bytes], tuple[bytes, bytes]]
+    sandbox: Sandbox, certificates: tuple[SelfSigned, SelfSigned]
 ) -> None:
     """A certificate the app registration does not hold is refused with AADSTS700027."""
-    sandbox.add_app(TENANT, CLIENT, certificate_pem=certificates[0][0])
-    other_cert, other_key = certificates[1]
-    credential = {"private_key": other_key.decode(), "public_certificate": other_cert.decode()}
+    registered, other = certificates
+    sandbox.add_app(TENANT, CLIENT, certificate_pem=registered.cert_pem)
+    credential = {
+        "private_key": other.key_pem.decode(),
+        "public_certificate": other.cert_pem.decode(),
+    }
     result = await asyncio.to_thread(acquire_token, sandbox, credential)
     assert result["error"] == "invalid_client"
     assert result["error_codes"] == [700027]

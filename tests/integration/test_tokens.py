@@ -6,24 +6,18 @@ import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from relay.config import AuthObjectConfig
 from relay.errors import TransientDeliveryError
 from relay.sandbox import Sandbox
 from relay.tokens import TokenProvider
-
-TENANT = "11111111-2222-3333-4444-555555555555"
-CLIENT = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
-SECRET = "sandbox~Secret.Value_0123456789"
+from tests.certificates import SelfSigned, self_signed
+from tests.sandbox_auth import CLIENT, SECRET, TENANT, auth_for
 
 SandboxFactory = Callable[..., Awaitable[Sandbox]]
 
@@ -66,18 +60,12 @@ def providers() -> Iterator[Callable[..., TokenProvider]]:
         provider.close()
 
 
-def _auth(sandbox: Sandbox, base_dir: Path, **overrides: Any) -> AuthObjectConfig:
-    data: dict[str, Any] = {
-        "tenant_id": TENANT,
-        "client_id": CLIENT,
-        "client_secret": SECRET,
-        "authority_host": sandbox.authority_host,
-        "graph_endpoint": sandbox.graph_endpoint,
-        "ca_file": str(sandbox.ca_file),
-    }
-    data.update(overrides)
-    data = {key: value for key, value in data.items() if value is not None}
-    return AuthObjectConfig.model_validate(data, context={"environ": {}, "base_dir": base_dir})
+@pytest.fixture
+def provider(
+    sandbox: Sandbox, providers: Callable[..., TokenProvider], tmp_path: Path
+) -> TokenProvider:
+    """A TokenProvider for the default sandbox app, which signs in with its client secret."""
+    return providers(auth_for(sandbox, tmp_path))
 
 
 def _closed_port() -> int:
@@ -87,10 +75,9 @@ def _closed_port() -> int:
 
 
 async def test_200_concurrent_callers_cause_one_token_request(
-    sandbox: Sandbox, providers: Callable[..., TokenProvider], tmp_path: Path
+    sandbox: Sandbox, provider: TokenProvider
 ) -> None:
     """Single flight: one identity-provider round trip, everyone else served from the cache."""
-    provider = providers(_auth(sandbox, tmp_path))
     tokens = await asyncio.gather(*(provider.get_token("contoso") for _ in range(200)))
     assert len(set(tokens)) == 1
     assert sandbox.token_requests == 1
@@ -98,10 +85,9 @@ async def test_200_concurrent_callers_cause_one_token_request(
 
 
 async def test_a_token_with_an_hour_left_is_served_from_msal_cache(
-    sandbox: Sandbox, providers: Callable[..., TokenProvider], tmp_path: Path
+    sandbox: Sandbox, provider: TokenProvider
 ) -> None:
     """Sequential calls reuse the cached token while it has more than five minutes left."""
-    provider = providers(_auth(sandbox, tmp_path))
     first = await provider.get_token("contoso")
     assert await provider.get_token("contoso") == first
     assert sandbox.token_requests == 1
@@ -113,7 +99,7 @@ async def test_a_token_msal_considers_expired_is_fetched_again(
     """MSAL treats a cached token with under 5 minutes left as expired (no sleeping needed)."""
     sandbox = await start_sandbox(token_lifetime=60)
     sandbox.add_app(TENANT, CLIENT, secret=SECRET)
-    provider = providers(_auth(sandbox, tmp_path))
+    provider = providers(auth_for(sandbox, tmp_path))
     first = await provider.get_token("contoso")
     second = await provider.get_token("contoso")
     assert first != second
@@ -122,10 +108,9 @@ async def test_a_token_msal_considers_expired_is_fetched_again(
 
 
 async def test_a_stale_token_is_replaced_once_however_many_callers_report_it(
-    sandbox: Sandbox, providers: Callable[..., TokenProvider], tmp_path: Path
+    sandbox: Sandbox, provider: TokenProvider
 ) -> None:
     """After Graph's 401, stale= drops the cached token; later reporters get the new one."""
-    provider = providers(_auth(sandbox, tmp_path))
     refused = await provider.get_token("contoso")
     fresh = await asyncio.gather(*(provider.get_token("contoso", stale=refused) for _ in range(50)))
     assert len(set(fresh)) == 1
@@ -141,7 +126,7 @@ async def test_a_wrong_secret_is_451_470_with_aadsts7000215_and_its_remedy(
 ) -> None:
     """Entra's invalid_client: retried (451), alerting, with the secret-copying remedy."""
     wrong = "wrong~Secret.Value_9876543210"
-    provider = providers(_auth(sandbox, tmp_path, client_secret=wrong))
+    provider = providers(auth_for(sandbox, tmp_path, client_secret=wrong))
     with caplog.at_level(logging.DEBUG), pytest.raises(TransientDeliveryError) as caught:
         await provider.get_token("contoso")
     error = caught.value
@@ -162,7 +147,7 @@ async def test_an_unknown_application_is_aadsts700016(
 ) -> None:
     """A client_id not registered in the tenant names the Application (client) ID fix."""
     other = "99999999-bbbb-cccc-dddd-eeeeeeeeeeee"
-    provider = providers(_auth(sandbox, tmp_path, client_id=other))
+    provider = providers(auth_for(sandbox, tmp_path, client_id=other))
     with pytest.raises(TransientDeliveryError) as caught:
         await provider.get_token("contoso")
     assert caught.value.code == "AADSTS700016"
@@ -175,7 +160,7 @@ async def test_an_unknown_tenant_is_aadsts90002_from_openid_discovery(
 ) -> None:
     """Discovery answers 400 AADSTS90002; MSAL's ValueError is mapped to the tenant remedy."""
     unknown = "22222222-2222-3333-4444-555555555555"
-    provider = providers(_auth(sandbox, tmp_path, tenant_id=unknown))
+    provider = providers(auth_for(sandbox, tmp_path, tenant_id=unknown))
     with pytest.raises(TransientDeliveryError) as caught:
         await provider.get_token("contoso")
     assert caught.value.code == "AADSTS90002"
@@ -184,31 +169,17 @@ async def test_an_unknown_tenant_is_aadsts90002_from_openid_discovery(
     assert "Directory (tenant) ID" in caught.value.remedy
 
 
-def _certificate(tmp_path: Path, name: str) -> tuple[Path, Path, bytes]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=30))
-        .sign(key, hashes.SHA256())
+def _certificate_auth(sandbox: Sandbox, tmp_path: Path, signer: SelfSigned) -> AuthObjectConfig:
+    """The auth object with a certificate credential instead of the secret: MSAL signs its
+    client assertions with `signer`'s key."""
+    cert_file, key_file = signer.write(tmp_path)
+    return auth_for(
+        sandbox,
+        tmp_path,
+        client_secret=None,
+        certificate_file=str(cert_file),
+        private_key_file=str(key_file),
     )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    cert_file, key_file = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
-    cert_file.write_bytes(cert_pem)
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file, cert_pem
 
 
 async def test_a_certificate_credential_gets_a_token(
@@ -216,16 +187,9 @@ async def test_a_certificate_credential_gets_a_token(
 ) -> None:
     """MSAL signs a client assertion with the private key; the sandbox checks it (x5t#S256)."""
     sandbox = await start_sandbox()
-    cert_file, key_file, cert_pem = _certificate(tmp_path, "relay-app")
-    sandbox.add_app(TENANT, CLIENT, certificate_pem=cert_pem)
-    auth = _auth(
-        sandbox,
-        tmp_path,
-        client_secret=None,
-        certificate_file=str(cert_file),
-        private_key_file=str(key_file),
-    )
-    provider = providers(auth)
+    app_certificate = self_signed("relay-app")
+    sandbox.add_app(TENANT, CLIENT, certificate_pem=app_certificate.cert_pem)
+    provider = providers(_certificate_auth(sandbox, tmp_path, app_certificate))
     assert await provider.get_token("contoso")
     assert sandbox.token_requests == 1
 
@@ -235,16 +199,8 @@ async def test_a_certificate_not_uploaded_to_the_app_is_aadsts700027(
 ) -> None:
     """Signing with a certificate the app registration does not hold names the upload step."""
     sandbox = await start_sandbox()
-    _, _, registered = _certificate(tmp_path, "registered")
-    cert_file, key_file, _ = _certificate(tmp_path, "other")
-    sandbox.add_app(TENANT, CLIENT, certificate_pem=registered)
-    auth = _auth(
-        sandbox,
-        tmp_path,
-        client_secret=None,
-        certificate_file=str(cert_file),
-        private_key_file=str(key_file),
-    )
+    sandbox.add_app(TENANT, CLIENT, certificate_pem=self_signed("registered").cert_pem)
+    auth = _certificate_auth(sandbox, tmp_path, self_signed("other"))
     with pytest.raises(TransientDeliveryError) as caught:
         await providers(auth).get_token("contoso")
     assert caught.value.code == "AADSTS700027"
@@ -252,10 +208,9 @@ async def test_a_certificate_not_uploaded_to_the_app_is_aadsts700027(
 
 
 async def test_an_entra_outage_is_transient_without_alert_and_recovers(
-    sandbox: Sandbox, providers: Callable[..., TokenProvider], tmp_path: Path
+    sandbox: Sandbox, provider: TokenProvider
 ) -> None:
     """Discovery and token endpoint answer 503: retry later; once Entra is back, it works."""
-    provider = providers(_auth(sandbox, tmp_path))
     sandbox.faults.token_endpoint_down(True)
     with pytest.raises(TransientDeliveryError) as caught:
         await provider.get_token("contoso")
@@ -267,10 +222,9 @@ async def test_an_entra_outage_is_transient_without_alert_and_recovers(
 
 
 async def test_a_5xx_from_the_token_endpoint_is_transient(
-    sandbox: Sandbox, providers: Callable[..., TokenProvider], tmp_path: Path
+    sandbox: Sandbox, provider: TokenProvider
 ) -> None:
     """A gateway's non-JSON 503 on the token request itself is a plain transient failure."""
-    provider = providers(_auth(sandbox, tmp_path))
     refused = await provider.get_token("contoso")
     sandbox.faults.fail_token(503)
     with pytest.raises(TransientDeliveryError) as caught:
@@ -307,10 +261,10 @@ async def test_ca_file_is_trusted_even_when_requests_ca_bundle_names_another_bun
 ) -> None:
     """REQUESTS_CA_BUNDLE would replace a session's verify; our adapter ignores it."""
     unrelated = tmp_path / "unrelated.pem"
-    unrelated.write_bytes(_certificate(tmp_path, "unrelated-ca")[2])
+    unrelated.write_bytes(self_signed("unrelated-ca", ca=True).cert_pem)
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(unrelated))
     monkeypatch.setenv("CURL_CA_BUNDLE", str(unrelated))
-    assert await providers(_auth(sandbox, tmp_path)).get_token("contoso")
+    assert await providers(auth_for(sandbox, tmp_path)).get_token("contoso")
 
 
 async def test_the_environment_cannot_widen_trust_without_ca_file(
@@ -321,7 +275,7 @@ async def test_the_environment_cannot_widen_trust_without_ca_file(
 ) -> None:
     """Without ca_file the sandbox CA is untrusted, even if REQUESTS_CA_BUNDLE names it."""
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(sandbox.ca_file))
-    provider = providers(_auth(sandbox, tmp_path, ca_file=None))
+    provider = providers(auth_for(sandbox, tmp_path, ca_file=None))
     with pytest.raises(TransientDeliveryError) as caught:
         await provider.get_token("contoso")
     assert caught.value.alert is True
@@ -333,7 +287,7 @@ async def test_the_auth_objects_proxy_is_used(
     sandbox: Sandbox, providers: Callable[..., TokenProvider], tmp_path: Path
 ) -> None:
     """auth.proxy routes MSAL's requests; a dead proxy is a transient network failure."""
-    auth = _auth(sandbox, tmp_path, proxy=f"http://127.0.0.1:{_closed_port()}")
+    auth = auth_for(sandbox, tmp_path, proxy=f"http://127.0.0.1:{_closed_port()}")
     with pytest.raises(TransientDeliveryError) as caught:
         await providers(auth).get_token("contoso")
     assert "proxy" in caught.value.message
@@ -351,16 +305,15 @@ async def test_https_proxy_and_no_proxy_from_the_environment_are_honoured(
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     with pytest.raises(TransientDeliveryError):
-        await providers(_auth(sandbox, tmp_path)).get_token("contoso")
+        await providers(auth_for(sandbox, tmp_path)).get_token("contoso")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    assert await providers(_auth(sandbox, tmp_path)).get_token("contoso")
+    assert await providers(auth_for(sandbox, tmp_path)).get_token("contoso")
 
 
 async def test_check_reports_the_roles_tenant_app_and_expiry_of_a_fresh_token(
-    sandbox: Sandbox, providers: Callable[..., TokenProvider], tmp_path: Path
+    sandbox: Sandbox, provider: TokenProvider
 ) -> None:
     """test-auth: always a new token from Entra, decoded to show what admin consent granted."""
-    provider = providers(_auth(sandbox, tmp_path))
     await provider.get_token("contoso")
     check = await provider.check("contoso")
     assert check.ok
@@ -379,7 +332,7 @@ async def test_check_flags_a_missing_mail_send_role(
     """A token without the Mail.Send application role is acquired but not ok."""
     sandbox = await start_sandbox()
     sandbox.add_app(TENANT, CLIENT, secret=SECRET, roles=("User.Read.All",))
-    check = await providers(_auth(sandbox, tmp_path)).check("contoso")
+    check = await providers(auth_for(sandbox, tmp_path)).check("contoso")
     assert check.token_acquired
     assert not check.ok
     assert check.claims is not None
@@ -392,7 +345,7 @@ async def test_check_reports_the_aadsts_code_description_and_remedy_of_a_failure
 ) -> None:
     """A failed check returns (not raises) what test-auth prints."""
     wrong = "wrong~Secret.Value_9876543210"
-    check = await providers(_auth(sandbox, tmp_path, client_secret=wrong)).check("contoso")
+    check = await providers(auth_for(sandbox, tmp_path, client_secret=wrong)).check("contoso")
     assert not check.token_acquired
     assert not check.ok
     assert check.code == "AADSTS7000215"
@@ -409,15 +362,13 @@ async def test_tokens_and_secrets_never_reach_the_log(
 ) -> None:
     """Even at debug level, relay.tokens logs neither the access token nor the secret."""
     with caplog.at_level(logging.DEBUG, logger="relay.tokens"):
-        token = await providers(_auth(sandbox, tmp_path)).get_token("contoso")
+        token = await providers(auth_for(sandbox, tmp_path)).get_token("contoso")
     ours = [r.getMessage() for r in caplog.records if r.name == "relay.tokens"]
     assert ours
     assert all(token not in line and SECRET not in line for line in ours)
 
 
-async def test_an_unknown_auth_object_name_is_a_key_error(
-    sandbox: Sandbox, providers: Callable[..., TokenProvider], tmp_path: Path
-) -> None:
+async def test_an_unknown_auth_object_name_is_a_key_error(provider: TokenProvider) -> None:
     """Routes are validated against auth_objects, so an unknown name is a programming error."""
     with pytest.raises(KeyError, match="nope"):
-        await providers(_auth(sandbox, tmp_path)).get_token("nope")
+        await provider.get_token("nope")

@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from msal.exceptions import MsalServiceError
 
 from relay.aadsts import aadsts_code, error_from_exception, error_from_result, remedy_for
 from relay.errors import TransientDeliveryError
 from relay.tokens import MAIL_SEND_MISSING, decode_jwt_payload, token_claims
 from relay.transport import proxy_for, ssl_context_for
+from tests.certificates import self_signed
 
 SECRET = "Zx8Q~very.secret.value~000"
 AUTHORITY = "https://login.example.test/00000000-0000-0000-0000-000000000001"
@@ -201,28 +198,10 @@ def test_token_claims_use_azp_for_v2_tokens_and_notice_a_missing_mail_send_role(
     assert "application" in MAIL_SEND_MISSING
 
 
-def _self_signed_ca(name: str) -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 def test_the_trust_context_adds_ca_file_to_the_default_anchors(tmp_path: Path) -> None:
     """ca_file adds its anchors to the system/certifi ones instead of replacing them."""
     extra = tmp_path / "extra.pem"
-    extra.write_bytes(_self_signed_ca("relay test extra CA"))
+    extra.write_bytes(self_signed("relay test extra CA", key_type="ec", ca=True, days=1).cert_pem)
     baseline = ssl_context_for(None).get_ca_certs()
     widened = ssl_context_for(extra).get_ca_certs()
     assert baseline  # certifi is always loaded, whatever the system store looks like
