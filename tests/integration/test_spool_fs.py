@@ -1,0 +1,130 @@
+"""The spool against real file-system failures: a full tmpfs and a read-only remount.
+
+These need root (mount/umount); they skip with the reason when not root or when the sandbox
+forbids mounting. No fault injection here: the kernel itself says ENOSPC and EROFS.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.spool import EntryMeta, Spool, SpoolUnavailableError
+
+NOW = 1_700_000_000.0
+
+
+def entry(queue_id: str, size: int) -> EntryMeta:
+    return EntryMeta(
+        queue_id=queue_id,
+        created=NOW,
+        mail_from="scanner@contoso.com",
+        recipients=("alice@contoso.com",),
+        client="printers",
+        client_ip="10.0.5.7",
+        auth_object="contoso",
+        mailbox="scanner@contoso.com",
+        route="routes[0]",
+        message_id=f"<{queue_id}@relay>",
+        size=size,
+    )
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs, unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        pytest.skip("mount/umount are not installed")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mounted = _run("mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mountpoint))
+    if mounted.returncode != 0:
+        pytest.skip(f"mount is not permitted in this sandbox: {mounted.stderr.strip()}")
+    yield mountpoint
+    _run("umount", "-l", str(mountpoint))
+
+
+class NoReserveSpool(Spool):
+    """A spool whose free-space check always passes, so the write itself meets ENOSPC."""
+
+    def has_room_for(self, size: int) -> bool:
+        return True
+
+
+def test_a_real_enospc_is_spool_unavailable_and_loses_nothing(tmpfs: Path) -> None:
+    """The kernel's ENOSPC becomes SpoolUnavailableError, the half-written files are removed,
+    earlier entries survive a restart, and the freed space takes the next message."""
+    spool = NoReserveSpool(tmpfs / "spool", reserve_bytes=0)
+    spool.open()
+    earlier = {f"E{i}": os.urandom(100_000) for i in range(5)}
+    for qid, data in earlier.items():
+        spool.store(entry(qid, len(data)), data)
+    with pytest.raises(SpoolUnavailableError) as caught:
+        spool.store(entry("BIG", 3 << 20), os.urandom(3 << 20))
+    assert getattr(caught.value.__cause__, "errno", None) == errno.ENOSPC
+    assert list((tmpfs / "spool" / "tmp").iterdir()) == []
+    assert spool.find("BIG") is None
+    spool.store(entry("AFTER", 1000), b"x" * 1000)
+    spool.close()
+
+    restarted = Spool(tmpfs / "spool", reserve_bytes=0)
+    report = restarted.open()
+    try:
+        assert (report.orphans_removed, report.temp_removed, report.corrupt) == (0, 0, 0)
+        for qid, data in earlier.items():
+            assert restarted.read_data(qid) == data
+        assert {m.queue_id for m in restarted.list("queue")} == {*earlier, "AFTER"}
+    finally:
+        restarted.close()
+
+
+def test_the_reserve_refuses_before_the_disk_fills(tmpfs: Path) -> None:
+    """With a 1 MiB reserve on a 2 MiB file system, a 1.5 MiB message is refused up front."""
+    spool = Spool(tmpfs / "spool", reserve_bytes=1 << 20)
+    spool.open()
+    try:
+        assert spool.has_room_for(100_000)
+        assert not spool.has_room_for(1536 << 10)
+        with pytest.raises(SpoolUnavailableError, match="reserve"):
+            spool.store(entry("BIG", 1536 << 10), b"x" * (1536 << 10))
+        assert list((tmpfs / "spool" / "data").iterdir()) == []
+    finally:
+        spool.close()
+
+
+def test_a_read_only_spool_refuses_new_mail_and_keeps_the_old(tmpfs: Path) -> None:
+    """After a remount read-only (a failing disk), store and claim raise SpoolUnavailableError,
+    stored messages stay readable, and the spool works again once writable."""
+    spool = Spool(tmpfs / "spool", reserve_bytes=0)
+    spool.open()
+    try:
+        spool.store(entry("OLD", 5), b"hello")
+        remounted = _run("mount", "-o", "remount,ro", str(tmpfs))
+        if remounted.returncode != 0:
+            pytest.skip(f"remounting read-only is not permitted: {remounted.stderr.strip()}")
+        with pytest.raises(SpoolUnavailableError) as caught:
+            spool.store(entry("NEW", 5), b"hello")
+        assert getattr(caught.value.__cause__, "errno", None) == errno.EROFS
+        with pytest.raises(SpoolUnavailableError):
+            spool.claim("OLD")
+        assert spool.read_data("OLD") == b"hello"
+        found = spool.find("OLD")
+        assert found is not None
+        assert found[0] == "queue"
+        assert _run("mount", "-o", "remount,rw", str(tmpfs)).returncode == 0
+        spool.store(entry("NEW", 5), b"hello")
+        assert spool.claim("OLD") is not None
+    finally:
+        spool.close()
