@@ -42,15 +42,20 @@ from email.utils import format_datetime
 
 from relay.mime import UnparseableMessageError
 from relay.mime.addresses import AddressItem, canonical_address, parse_address_list, parse_addresses
+from relay.mime.dsn import BounceRequest, FailedRecipient, build_dsn, is_bounce
 from relay.mime.headers import Field, decode_header_text, fold_field, simple_field, split_message
 
 __all__ = [
     "AddressItem",
+    "BounceRequest",
     "Envelope",
+    "FailedRecipient",
     "PreparedMessage",
     "TraceInfo",
     "UnparseableMessageError",
     "author_addresses",
+    "build_dsn",
+    "is_bounce",
     "parse_address_list",
     "prepare_for_graph",
     "reconcile_recipients",
