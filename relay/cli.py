@@ -72,6 +72,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         return asyncio.run(test_auth(config, args.name, stdout))
     if args.command == "test-mail":
         return asyncio.run(test_mail(config, args.sender, args.recipient, stdout))
+    if args.command == "queue":
+        from relay.queue_cli import run_queue_command
+
+        return run_queue_command(config, args.action, args.queue_id, args.dead, stdout)
     return EXIT_USAGE  # pragma: no cover - argparse restricts the choices
 
 
@@ -95,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     mail = with_config("test-mail", "send one test message through the configured route")
     mail.add_argument("--from", dest="sender", required=True, help="sender address")
     mail.add_argument("--to", dest="recipient", required=True, help="recipient address")
+    queue = with_config("queue", "list and operate on the spool (works while the relay runs)")
+    queue.add_argument("action", choices=["list", "show", "retry", "delete", "purge"])
+    queue.add_argument("queue_id", nargs="?", help="the message's queue id (show, retry, delete)")
+    queue.add_argument(
+        "--dead", action="store_true", help="list: dead letters; purge: required, purges them"
+    )
     sandbox = commands.add_parser(
         "sandbox",
         help="try the relay against a local stand-in for Microsoft 365 (no tenant needed)",

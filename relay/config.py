@@ -600,28 +600,38 @@ class RouteConfig(_Model):
 
 
 class RetryConfig(_Model):
-    first: Duration = 60.0
-    max: Duration = 3600.0
-    lifetime: Duration = 5 * 86400.0
+    """Backoff for queued messages: `first`, doubling up to `max`; dead after `lifetime`."""
+
+    first: Duration = Field(default=60.0, gt=0)
+    max: Duration = Field(default=3600.0, gt=0)
+    lifetime: Duration = Field(default=5 * 86400.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RetryConfig:
+        if self.first > self.max:
+            raise ValueError("first is longer than max; the first retry cannot wait longer")
+        if self.max > self.lifetime:
+            raise ValueError("max is longer than lifetime; a message would expire between tries")
+        return self
 
 
 class DeliveryConfig(_Model):
-    mode: Literal["hybrid", "queue", "direct"] = "direct"
+    mode: Literal["hybrid", "queue", "direct"] = "hybrid"
     inline_timeout: Duration = Field(default=10.0, gt=0)
     spool_dir: Path = Path("/var/lib/smtp-graph-relay")
     retry: RetryConfig = Field(default_factory=RetryConfig)
     bounces: bool = True
     large_messages: Literal["upload", "reject"] = "reject"
+    # Queued messages in delivery at once (each mailbox still gets at most 4).
+    concurrency: int = Field(default=16, ge=1, le=256)
 
-    @field_validator("mode")
-    @classmethod
-    def _mode_available(cls, value: str) -> str:
-        if value != "direct":
-            raise ValueError(
-                f"mode {value} needs the durable spool, which is not available in this release; "
-                "use mode: direct (250 only after Microsoft 365 accepted the message)"
-            )
-        return value
+    @model_validator(mode="after")
+    def _spool_dir_absolute(self, info: ValidationInfo) -> DeliveryConfig:
+        context: Mapping[str, Any] = info.context or {}
+        if not self.spool_dir.is_absolute():
+            base_dir: Path = context.get("base_dir", Path.cwd())
+            object.__setattr__(self, "spool_dir", base_dir / self.spool_dir)
+        return self
 
     @field_validator("large_messages")
     @classmethod

@@ -1,260 +1,247 @@
-"""The delivery engine: turns a policy-approved submission into Graph's verdict and an SMTP reply.
+"""The delivery engine: turns a policy-approved submission into an SMTP reply (DESIGN §5).
 
-Why this module exists: the SMTP layer must not know about Graph, tokens or timeouts, and the
-Graph client must not know about SMTP. This module owns the delivery semantics of DESIGN §5.
+Why this module exists: the SMTP layer must not know about Graph, the spool or timeouts, and
+the Graph client must not know about SMTP. This module owns the three delivery modes:
 
-This release implements `direct` mode only: no spool, so the client gets `250` only after
-Graph's `202 Accepted`; a transient problem (throttling, outage, token trouble, or no answer
-within `delivery.inline_timeout`) is answered `451` so the client keeps the message and retries;
-a permanent refusal is answered with the matching `5xx`. Nothing is ever acknowledged that
-Microsoft 365 has not accepted, so nothing can be lost.
+- `direct`: no spool. One Graph attempt while the client waits; `250` only after Graph's 202,
+  transient trouble is `451` (the client keeps the message), a refusal its `5xx`.
+- `queue`: `250 ... queued` as soon as the spool has the message durably; workers deliver.
+- `hybrid` (default): spool durably, then one inline attempt for up to `inline_timeout`.
+  202 -> `250 ... delivered`; a permanent refusal -> its `5xx` and the entry removed;
+  transient or too slow -> `250 ... queued` and the workers carry on.
 
-Every message produces exactly one log event with its queue id, client, sender, recipient
-count, route, mailbox, Graph status, request-id and duration.
+Theory of the inline attempt. The attempt runs as its own task so that neither a client that
+hangs up (aiosmtpd cancels the DATA hook) nor the inline timeout can interrupt it half-way.
+The task and the waiting hook agree on who answers through `_Inline`: the task publishes a
+`verdict` only while the client has not been answered; the hook, when its wait ends without a
+verdict, marks the attempt `acknowledged` (it is about to say `250 queued`). Both steps are
+synchronous, so exactly one of two things happens: the client hears the verdict (and a
+permanent refusal is discarded, the client owns the failure), or the client hears "queued"
+(and a permanent refusal is buried and bounced like any queued message). Never both, never
+neither: nothing is lost, nothing is reported twice.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import random
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
-from relay.config import AuthObjectConfig, Config
-from relay.errors import DeliveryError, PermanentDeliveryError, SmtpReply, TransientDeliveryError
+from relay.attempts import Delivered, GraphAttempts, GraphSender, message_fields
+from relay.config import Config
+from relay.errors import DeliveryError, SmtpReply
+from relay.runner import QueueRunner
 from relay.smtp import Submission
+from relay.spool import EntryMeta, Spool, SpoolUnavailableError
 
-__all__ = [
-    "GRAPH_MAX_REQUEST_BYTES",
-    "DirectDelivery",
-    "GraphSender",
-    "MailboxSlots",
-    "SendOutcome",
-    "single_request_limit",
-]
+__all__ = ["DeliveryEngine"]
 
 log = logging.getLogger("relay.delivery")
 
-# Graph rejects request bodies over 4 MB (user-sendmail.md: "the total message size ... cannot
-# exceed 4 MB"); the MIME form is base64, which grows the message by 4/3.
-GRAPH_MAX_REQUEST_BYTES = 4 * 1024 * 1024
-# Room for what the relay adds before sending: Received, Date, Message-ID and a Bcc field that
-# can list every envelope recipient.
-_HEADER_HEADROOM = 64 * 1024
+SPOOL_TROUBLE = SmtpReply(451, "4.3.0", "Cannot queue the message right now, try again later")
+SLOW_GRAPH = SmtpReply(451, "4.4.2", "Microsoft 365 did not answer in time, please try again later")
 
 
-def base64_size(size: int) -> int:
-    return 4 * ((size + 2) // 3)
+def _delivered(queue_id: str) -> SmtpReply:
+    return SmtpReply(250, "2.0.0", f"Ok: delivered {queue_id}")
 
 
-def single_request_limit() -> int:
-    """Largest message (as received) whose prepared MIME still fits one sendMail request."""
-    return (GRAPH_MAX_REQUEST_BYTES // 4) * 3 - _HEADER_HEADROOM
+def _queued(queue_id: str) -> SmtpReply:
+    return SmtpReply(250, "2.0.0", f"Ok: queued {queue_id}")
 
 
-class SendOutcome(Protocol):
-    @property
-    def status(self) -> int: ...
-    @property
-    def request_id(self) -> str | None: ...
+@dataclass(slots=True)
+class _Inline:
+    """Who answers the client: the attempt (verdict) or the waiting hook (acknowledged)."""
+
+    verdict: asyncio.Future[SmtpReply]
+    acknowledged: bool = False
+
+    def decide(self, reply: SmtpReply) -> bool:
+        """Publish the verdict unless the client was already told `queued`."""
+        if self.acknowledged or self.verdict.done():
+            return False
+        self.verdict.set_result(reply)
+        return True
 
 
-class GraphSender(Protocol):
-    """What delivery needs from the Graph client."""
+@dataclass(slots=True)
+class _Tasks:
+    running: set[asyncio.Task[None]] = field(default_factory=set)
 
-    async def send_mime(
-        self,
-        auth: AuthObjectConfig,
-        auth_name: str,
-        mailbox: str,
-        mime: bytes,
-        *,
-        client_request_id: str,
-    ) -> SendOutcome: ...
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+        return task
 
 
-@dataclass(frozen=True, slots=True)
-class _Timing:
-    started: float
-
-    def ms(self, now: float) -> int:
-        return round((now - self.started) * 1000)
-
-
-class MailboxSlots:
-    """At most `limit` concurrent Graph requests per (auth object, mailbox).
-
-    Graph's MailboxConcurrency limit is 4 concurrent requests per app and mailbox
-    (concepts/throttling-limits.md); a fifth is answered 429. Waiting for a slot here costs the
-    client a little time inside `inline_timeout` instead of a throttled request and a 451.
-    """
-
-    def __init__(self, limit: int = 4) -> None:
-        self.limit = limit
-        self._slots: dict[tuple[str, str], tuple[asyncio.Semaphore, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, auth_object: str, mailbox: str) -> AsyncIterator[None]:
-        key = (auth_object, mailbox.casefold())
-        semaphore, users = self._slots.get(key, (asyncio.Semaphore(self.limit), 0))
-        self._slots[key] = (semaphore, users + 1)
-        try:
-            async with semaphore:
-                yield
-        finally:
-            semaphore, users = self._slots[key]
-            if users <= 1:
-                del self._slots[key]  # keep the table as small as the set of busy mailboxes
-            else:
-                self._slots[key] = (semaphore, users - 1)
-
-
-class DirectDelivery:
-    """`delivery.mode: direct`: one Graph attempt while the client waits."""
+class DeliveryEngine:
+    """Delivers submissions according to `delivery.mode`; owns the spool and the workers."""
 
     def __init__(
         self,
         *,
         config: Callable[[], Config],
         graph: GraphSender,
+        spool: Spool | None,
+        clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        random_fraction: Callable[[], float] = random.random,
     ) -> None:
         self._config = config
-        self._graph = graph
-        self._monotonic = monotonic
-        self._in_flight: set[asyncio.Task[SmtpReply]] = set()
-        self._slots = MailboxSlots()
+        self._clock = clock
+        self.spool = spool
+        self.attempts = GraphAttempts(config=config, graph=graph, monotonic=monotonic)
+        self.runner = (
+            QueueRunner(
+                config=config,
+                spool=spool,
+                attempts=self.attempts,
+                clock=clock,
+                monotonic=monotonic,
+                random_fraction=random_fraction,
+            )
+            if spool is not None
+            else None
+        )
+        self._inline = _Tasks()
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        running = len(self._inline.running)
+        return running + (self.runner.in_flight if self.runner is not None else 0)
+
+    async def start(self) -> None:
+        """Recover the spool (before any listener accepts mail) and start the workers."""
+        if self.runner is not None:
+            await self.runner.start()
+
+    async def stop(self, grace: float) -> None:
+        """Let attempts in progress finish for up to `grace` seconds; requeue the rest."""
+        inline = set(self._inline.running)
+        if inline:
+            _, pending = await asyncio.wait(inline, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if self.runner is not None:
+            await self.runner.stop(grace)
 
     async def submit(self, submission: Submission) -> SmtpReply:
-        """Deliver now; the reply is final.
-
-        The attempt runs as a tracked task so a shutdown can wait for it. If the client hangs
-        up, aiosmtpd cancels the hook and with it the attempt: the client never saw a 250 and
-        will send again (at worst a duplicate, never a loss).
-        """
-        task = asyncio.create_task(self._deliver(submission))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
-        return await task
-
-    async def drain(self, grace: float) -> None:
-        """Wait (bounded) for deliveries in progress, e.g. before shutdown."""
-        if self._in_flight:
-            await asyncio.wait(set(self._in_flight), timeout=grace)
-
-    async def _deliver(self, submission: Submission) -> SmtpReply:
-        config = self._config()
-        route = submission.route
-        auth = config.auth_objects[route.auth_object]
-        timing = _Timing(self._monotonic())
-        client_request_id = str(uuid.uuid4())
-        fields = {
-            "queue_id": submission.queue_id,
-            "message_id": submission.message.message_id,
-            "client": submission.client,
-            "client_ip": submission.client_ip,
-            "mail_from": submission.mail_from,
-            "recipients": len(submission.recipients),
-            "route": route.name,
-            "auth_object": route.auth_object,
-            "mailbox": route.mailbox,
-            "size": len(submission.message.mime),
-            "client_request_id": client_request_id,
-        }
-        if base64_size(len(submission.message.mime)) > GRAPH_MAX_REQUEST_BYTES:
-            reply = SmtpReply(
-                552, "5.3.4", "Message too large for one Microsoft Graph request (4 MB)"
-            )
-            log.warning(
-                "rejected %s: too large for Graph",
-                submission.queue_id,
-                extra={"event": "rejected", **fields, "reply": str(reply)},
-            )
-            return reply
+        mode = self._config().delivery.mode
+        if mode == "direct" or self.spool is None:
+            return await self._direct(submission)
+        meta = self._meta(submission)
+        # hybrid commits the entry already claimed, so no worker races the inline attempt
+        claimed = mode == "hybrid"
         try:
-            async with (
-                asyncio.timeout(config.delivery.inline_timeout),
-                self._slots.hold(route.auth_object, route.mailbox),
-            ):
-                outcome = await self._graph.send_mime(
-                    auth,
-                    route.auth_object,
-                    route.mailbox,
-                    submission.message.mime,
-                    client_request_id=client_request_id,
-                )
-        except TimeoutError:
-            reply = SmtpReply(
-                451, "4.4.2", "Microsoft 365 did not answer in time, please try again later"
+            await asyncio.to_thread(
+                self.spool.store, meta, submission.message.mime, claimed=claimed
             )
-            log.warning(
-                "deferred %s: no answer from Graph within %ss",
-                submission.queue_id,
-                config.delivery.inline_timeout,
+        except SpoolUnavailableError as exc:
+            log.error(
+                "cannot spool %s: %s",
+                meta.queue_id,
+                exc,
                 extra={
-                    "event": "deferred",
-                    **fields,
-                    "reply": str(reply),
-                    "duration_ms": timing.ms(self._monotonic()),
+                    "event": "spool_unavailable",
+                    **message_fields(meta),
+                    "reply": str(SPOOL_TROUBLE),
                 },
             )
-            return reply
-        except DeliveryError as failure:
-            return self._failed(submission, failure, fields, timing)
-        reply = SmtpReply(250, "2.0.0", f"Ok: delivered {submission.queue_id}")
+            return SPOOL_TROUBLE
         log.info(
-            "delivered %s from=<%s> rcpts=%d route=%s mailbox=%s graph=%s request_id=%s",
-            submission.queue_id,
-            submission.mail_from,
-            len(submission.recipients),
-            route.name,
-            route.mailbox,
-            outcome.status,
-            outcome.request_id,
-            extra={
-                "event": "delivered",
-                **fields,
-                "graph_status": outcome.status,
-                "request_id": outcome.request_id,
-                "duration_ms": timing.ms(self._monotonic()),
-            },
+            "queued %s from=<%s> rcpts=%d route=%s mailbox=%s",
+            meta.queue_id,
+            meta.mail_from,
+            len(meta.recipients),
+            meta.route,
+            meta.mailbox,
+            extra={"event": "queued", **message_fields(meta)},
         )
-        return reply
+        assert self.runner is not None
+        if mode == "queue":
+            self.runner.schedule(meta)
+            return _queued(meta.queue_id)
+        return await self._hybrid(meta, submission.message.mime)
 
-    def _failed(
-        self,
-        submission: Submission,
-        failure: DeliveryError,
-        fields: dict[str, object],
-        timing: _Timing,
-    ) -> SmtpReply:
-        permanent = isinstance(failure, PermanentDeliveryError)
-        alert = isinstance(failure, TransientDeliveryError) and failure.alert
-        event = "failed" if permanent else "deferred"
-        level = logging.ERROR if alert else logging.WARNING
-        log.log(
-            level,
-            "%s %s: %s",
-            event,
-            submission.queue_id,
-            failure.describe(),
-            extra={
-                "event": event,
-                **fields,
-                "graph_status": failure.http_status,
-                "graph_code": failure.code,
-                "request_id": failure.request_id,
-                "remedy": failure.remedy,
-                "reply": str(failure.reply),
-                "duration_ms": timing.ms(self._monotonic()),
-            },
+    # --- hybrid ---------------------------------------------------------------------------
+
+    async def _hybrid(self, meta: EntryMeta, mime: bytes) -> SmtpReply:
+        inline = _Inline(asyncio.get_running_loop().create_future())
+        task = self._inline.spawn(self._inline_attempt(meta, mime, inline))
+        # asyncio.wait never cancels the task: a client hanging up cancels only this wait.
+        await asyncio.wait({inline.verdict}, timeout=self._config().delivery.inline_timeout)
+        if not inline.verdict.done():
+            inline.acknowledged = True
+            return _queued(meta.queue_id)
+        await asyncio.shield(task)  # the bookkeeping behind the verdict is a few renames
+        return inline.verdict.result()
+
+    async def _inline_attempt(self, meta: EntryMeta, mime: bytes, inline: _Inline) -> None:
+        assert self.runner is not None
+        try:
+            outcome = await self.attempts.send(meta, mime)
+        except asyncio.CancelledError:
+            await self.runner.release(meta)
+            raise
+        except Exception:  # a bug must not lose the spooled message
+            log.exception(
+                "inline attempt failed", extra={"event": "internal_error", **message_fields(meta)}
+            )
+            inline.decide(_queued(meta.queue_id))
+            await self.runner.defer_after_crash(meta)
+            return
+        if isinstance(outcome, Delivered):
+            inline.decide(_delivered(meta.queue_id))
+            await self.runner.settle(meta, outcome, mime)
+        elif outcome.reply.is_transient:
+            inline.decide(_queued(meta.queue_id))
+            await self.runner.settle(meta, outcome, mime)
+        elif inline.decide(outcome.reply):
+            await self.runner.refused_inline(meta, outcome)
+        else:
+            await self.runner.settle(meta, outcome, mime)
+
+    # --- direct ---------------------------------------------------------------------------
+
+    async def _direct(self, submission: Submission) -> SmtpReply:
+        meta = self._meta(submission)
+        try:
+            async with asyncio.timeout(self._config().delivery.inline_timeout):
+                outcome = await self.attempts.send(meta, submission.message.mime)
+        except TimeoutError:
+            log.warning(
+                "deferred %s: no answer from Graph in time",
+                meta.queue_id,
+                extra={"event": "deferred", **message_fields(meta), "reply": str(SLOW_GRAPH)},
+            )
+            return SLOW_GRAPH
+        if isinstance(outcome, DeliveryError):
+            event = "deferred" if outcome.reply.is_transient else "failed"
+            self.attempts.log_failure(meta, outcome, event)
+            return outcome.reply
+        self.attempts.log_delivered(meta, outcome)
+        return _delivered(meta.queue_id)
+
+    def _meta(self, submission: Submission) -> EntryMeta:
+        route = submission.route
+        return EntryMeta(
+            queue_id=submission.queue_id,
+            created=self._clock(),
+            mail_from=submission.mail_from,
+            recipients=submission.recipients,
+            client=submission.client,
+            client_ip=submission.client_ip,
+            auth_object=route.auth_object,
+            mailbox=route.mailbox,
+            route=route.name,
+            message_id=submission.message.message_id,
+            size=len(submission.message.mime),
         )
-        return failure.reply

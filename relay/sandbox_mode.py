@@ -48,8 +48,10 @@ routes:
     auth_object: sandbox
     mailbox: sender
 delivery:
-  mode: direct
+  mode: hybrid
   inline_timeout: 10s
+  spool_dir: spool
+  retry: {{first: 10s, max: 1m, lifetime: 1h}}
 logging:
   level: info
   format: text

@@ -17,10 +17,12 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from relay.attempts import single_request_limit
 from relay.config import Config, ListenerConfig
-from relay.delivery import DirectDelivery, single_request_limit
+from relay.delivery import DeliveryEngine
 from relay.graph import GraphClient
 from relay.smtp import ConnectionLimiter, RelayHandler, RelaySMTP, server_tls_context
+from relay.spool import Spool
 from relay.tokens import TokenProvider
 
 __all__ = ["BoundListener", "RelayService"]
@@ -51,10 +53,18 @@ class RelayService:
         self._config = config
         self.tokens = TokenProvider(config.auth_objects)
         self.graph = GraphClient(self.tokens)
-        self.delivery = DirectDelivery(config=self.current_config, graph=self.graph)
+        self.spool = (
+            Spool(config.delivery.spool_dir, reserve_bytes=int(1.5 * self.max_message_size))
+            if config.delivery.mode != "direct"
+            else None
+        )
+        self.delivery = DeliveryEngine(
+            config=self.current_config, graph=self.graph, spool=self.spool
+        )
         self.limiter = ConnectionLimiter(
             total=config.smtp.max_connections, per_client=config.smtp.max_connections_per_client
         )
+        self.handler = RelayHandler(config=self.current_config, submitter=self.delivery)
         self._running = _Running()
 
     def current_config(self) -> Config:
@@ -70,10 +80,12 @@ class RelayService:
         return min(self._config.smtp.max_message_size, single_request_limit())
 
     async def start(self) -> None:
+        """Recover the spool, start the workers, then bind the listeners."""
         loop = asyncio.get_running_loop()
         tls = self._tls_context()
-        handler = RelayHandler(config=self.current_config, submitter=self.delivery)
+        handler = self.handler
         try:
+            await self.delivery.start()
             for listener in self._config.smtp.listeners:
                 server = await loop.create_server(
                     self._protocol_factory(handler, listener, tls),
@@ -98,13 +110,23 @@ class RelayService:
             raise
 
     async def stop(self, grace: float = 30.0) -> None:
-        """Stop accepting, let deliveries in progress finish (bounded), release resources."""
+        """Graceful stop (SIGTERM): nothing acknowledged is lost, nothing half-received is kept.
+
+        1. Stop accepting connections; new MAIL commands in open sessions get 421.
+        2. Let transactions already in DATA finish (they are spooled or answered), bounded.
+        3. Close the remaining sessions, stop the workers (requeueing what they hold).
+        """
         for server in self._running.servers:
             server.close()
+        self.handler.stop_accepting()
+        await self.handler.wait_idle(grace / 2)
+        self.limiter.close_all()
         for server in self._running.servers:
             await server.wait_closed()
         self._running = _Running()
-        await self.delivery.drain(grace)
+        await self.delivery.stop(grace / 2)
+        if self.spool is not None:
+            self.spool.close()  # releases the lock: another relay may now recover this spool
         await self.graph.close()
         self.tokens.close()
 

@@ -19,6 +19,7 @@ Everything runs on the relay's single event loop: listeners are created with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import uuid
@@ -65,6 +66,7 @@ log = logging.getLogger("relay.smtp")
 
 INTERNAL_ERROR = SmtpReply(451, "4.3.0", "Internal error, please try again later")
 TOO_MANY_CONNECTIONS = SmtpReply(421, "4.7.0", "Too many connections, try again later")
+SHUTTING_DOWN = SmtpReply(421, "4.3.2", "Service shutting down, try again later")
 NULL_SENDER = "<>"  # how aiosmtpd stores MAIL FROM:<>
 
 
@@ -118,6 +120,20 @@ class RelayHandler:
         self._submitter = submitter
         self._clock = clock
         self._new_queue_id = new_queue_id
+        self._accepting = True
+        self._in_data = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def stop_accepting(self) -> None:
+        """Shutdown: refuse new transactions with 421; those already in DATA carry on."""
+        self._accepting = False
+
+    async def wait_idle(self, grace: float) -> None:
+        """Wait (at most `grace` seconds) until no transaction is in its DATA phase."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
 
     # --- hooks ------------------------------------------------------------------------------
 
@@ -144,7 +160,14 @@ class RelayHandler:
     async def handle_DATA(  # noqa: N802 - aiosmtpd hook name
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
-        return await self._guard(session, self._data(server, session, envelope))
+        self._in_data += 1
+        self._idle.clear()
+        try:
+            return await self._guard(session, self._data(server, session, envelope))
+        finally:
+            self._in_data -= 1
+            if self._in_data == 0:
+                self._idle.set()
 
     async def handle_exception(self, error: Exception) -> str:
         """aiosmtpd calls this for exceptions outside our hooks; never leak details."""
@@ -177,6 +200,8 @@ class RelayHandler:
     async def _mail(
         self, session: Session, envelope: Envelope, address: str, options: Sequence[str]
     ) -> SmtpReply:
+        if not self._accepting:
+            return SHUTTING_DOWN
         client = self._client(session)
         sender = "" if address == NULL_SENDER else address
         check_envelope_sender(client, sender)
@@ -264,6 +289,19 @@ class ConnectionLimiter:
         self.total = total
         self.per_client = per_client
         self._open: Counter[str] = Counter()
+        self._transports: set[asyncio.BaseTransport] = set()
+
+    def track(self, transport: asyncio.BaseTransport) -> None:
+        self._transports.add(transport)
+
+    def untrack(self, transport: asyncio.BaseTransport | None) -> None:
+        if transport is not None:
+            self._transports.discard(transport)
+
+    def close_all(self) -> None:
+        """Close every open SMTP connection (shutdown, after the grace period)."""
+        for transport in list(self._transports):
+            transport.close()
 
     @property
     def open_connections(self) -> int:
@@ -306,6 +344,7 @@ class RelaySMTP(SMTP):
                 transport.close()
                 return
             self._limited_ip = ip
+            self._limiter.track(transport)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -314,6 +353,7 @@ class RelaySMTP(SMTP):
         if self._limited_ip is not None:
             self._limiter.release(self._limited_ip)
             self._limited_ip = None
+        self._limiter.untrack(self._original_transport or self.transport)
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:

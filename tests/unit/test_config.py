@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
 import textwrap
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import hashes
 
 from relay.config import (
     ClientCertificate,
@@ -21,6 +17,7 @@ from relay.config import (
     parse_size,
 )
 from relay.errors import ConfigError
+from tests.certificates import self_signed
 
 REPO = Path(__file__).resolve().parents[2]
 TENANT = "11111111-2222-3333-4444-555555555555"
@@ -61,7 +58,7 @@ def test_minimal_config_gets_safe_defaults() -> None:
     assert config.smtp.listeners[0].address == "127.0.0.1"
     assert config.smtp.listeners[0].port == 2525
     assert config.smtp.max_message_size == 35_000_000
-    assert config.delivery.mode == "direct"
+    assert config.delivery.mode == "hybrid"
     auth = config.auth_objects["contoso"]
     assert auth.authority_url == f"https://login.microsoftonline.com/{TENANT}"
     assert auth.graph_base_url == "https://graph.microsoft.com/v1.0"
@@ -75,7 +72,7 @@ def test_the_example_config_validates(tmp_path: Path) -> None:
     secret = tmp_path / "contoso"
     secret.write_text(SECRET + "\n")
     text = text.replace("/run/credentials/smtp-graph-relay.service/contoso", str(secret))
-    cert_file, key_file, _ = _certificate(tmp_path)
+    cert_file, key_file = self_signed("relay").write(tmp_path, "tls")
     text = text.replace("/etc/smtp-graph-relay/tls.crt", str(cert_file))
     text = text.replace("/etc/smtp-graph-relay/tls.key", str(key_file))
     config = parse_config(text, environ={})
@@ -97,7 +94,9 @@ def test_the_example_config_validates(tmp_path: Path) -> None:
         ("smtp: {listeners: [{tls: starttls}]}", "smtp", "smtp.tls is missing"),
         ("smtp: {max_message_size: 35 megs}", "smtp.max_message_size", "is not a size"),
         ("delivery: {inline_timeout: soon}", "delivery.inline_timeout", "is not a duration"),
-        ("delivery: {mode: hybrid}", "delivery.mode", "use mode: direct"),
+        ("delivery: {mode: later}", "delivery.mode", "'hybrid', 'queue' or 'direct'"),
+        ("delivery: {retry: {first: 2h, max: 1h}}", "delivery.retry", "first is longer than max"),
+        ("delivery: {retry: {max: 6d}}", "delivery.retry", "max is longer than lifetime"),
         ("logging: {format: xml}", "logging.format", "'text' or 'json'"),
     ],
 )
@@ -224,36 +223,17 @@ def test_missing_secret_file_names_the_key_and_path(tmp_path: Path) -> None:
     assert "nope.txt does not exist" in message
 
 
-def _certificate(tmp_path: Path) -> tuple[Path, Path, x509.Certificate]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .sign(key, hashes.SHA256())
-    )
-    cert_file = tmp_path / "app.crt"
-    key_file = tmp_path / "app.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file, cert
+def _certificate_and_foreign_key(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate file and a private key file that does not belong to it."""
+    cert_file, _ = self_signed("relay").write(tmp_path, "app")
+    _, foreign_key = self_signed("relay").write(tmp_path, "other")
+    return cert_file, foreign_key
 
 
 def test_certificate_credential_derives_thumbprints(tmp_path: Path) -> None:
     """certificate_file + private_key_file load, match each other and yield the thumbprints."""
-    cert_file, key_file, cert = _certificate(tmp_path)
+    app_certificate = self_signed("relay")
+    cert_file, key_file = app_certificate.write(tmp_path)
     config = parse(
         MINIMAL.replace(
             "client_secret_env: RELAY_SECRET",
@@ -262,16 +242,14 @@ def test_certificate_credential_derives_thumbprints(tmp_path: Path) -> None:
     )
     credential = config.auth_objects["contoso"].credential  # type: ignore[attr-defined]
     assert isinstance(credential, ClientCertificate)
+    cert = app_certificate.certificate
     assert credential.thumbprint_sha1 == cert.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303
     assert "PRIVATE KEY" not in repr(credential)
 
 
 def test_certificate_and_foreign_key_are_refused(tmp_path: Path) -> None:
     """A private key that does not belong to the certificate is caught at load time."""
-    cert_file, _, _ = _certificate(tmp_path)
-    other = tmp_path / "other"
-    other.mkdir()
-    _, other_key, _ = _certificate(other)
+    cert_file, other_key = _certificate_and_foreign_key(tmp_path)
     message = problems_of(
         MINIMAL.replace(
             "client_secret_env: RELAY_SECRET",
@@ -292,10 +270,7 @@ def test_tls_files_must_load(tmp_path: Path) -> None:
 
 def test_tls_key_must_match_certificate(tmp_path: Path) -> None:
     """A certificate with somebody else's key is refused before any client connects."""
-    cert_file, _, _ = _certificate(tmp_path)
-    other = tmp_path / "other"
-    other.mkdir()
-    _, other_key, _ = _certificate(other)
+    cert_file, other_key = _certificate_and_foreign_key(tmp_path)
     message = problems_of(
         MINIMAL + f"smtp: {{tls: {{cert_file: {cert_file}, key_file: {other_key}}}}}", tmp_path
     )
