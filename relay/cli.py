@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import socket
 import sys
 import uuid
@@ -28,7 +27,7 @@ from relay.errors import ConfigError, DeliveryError, PolicyError
 from relay.logs import setup_logging
 from relay.message import Envelope, TraceInfo, prepare_for_graph
 from relay.policy import choose_route
-from relay.service import RelayService
+from relay.service import RelayService, serve_until_stopped
 
 __all__ = ["entry_point", "main"]
 
@@ -67,7 +66,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         return EXIT_OK
     setup_logging(config.logging.level, config.logging.format)
     if args.command == "serve":
-        return asyncio.run(serve(config))
+        return asyncio.run(serve_until_stopped(args.config, config))
     if args.command == "test-auth":
         return asyncio.run(test_auth(config, args.name, stdout))
     if args.command == "test-mail":
@@ -173,26 +172,6 @@ def _credential_source(config: Config, name: str) -> str:
     if auth.client_secret_env is not None:
         return f"client secret from ${auth.client_secret_env}"
     return "client secret inline in the configuration (prefer client_secret_file)"
-
-
-# --- serve ---------------------------------------------------------------------------------
-
-
-async def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT, then stop gracefully and return 0."""
-    service = RelayService(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await service.start()
-    except OSError as exc:
-        print(f"cannot listen: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    await stop.wait()
-    await service.stop()
-    return EXIT_OK
 
 
 # --- test-auth -----------------------------------------------------------------------------

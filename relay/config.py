@@ -281,7 +281,7 @@ class SmtpConfig(_Model):
         seen: set[tuple[str, int]] = set()
         for i, listener in enumerate(self.listeners):
             key = (listener.address, listener.port)
-            if key in seen:
+            if listener.port != 0 and key in seen:  # port 0: each gets its own free port
                 raise ValueError(f"listeners[{i}] repeats {listener.address}:{listener.port}")
             seen.add(key)
         return self

@@ -315,6 +315,15 @@ class GraphClient:
         self._session: aiohttp.ClientSession | None = None
         self._contexts: dict[Path | None, ssl.SSLContext] = {}
 
+    def reconfigure(self, tokens: TokenSource) -> None:
+        """After a config reload: use new token source; rebuild TLS trust from ca_files.
+
+        Requests already running keep what they started with; the session (and its pooled
+        connections) stays.
+        """
+        self._tokens = tokens
+        self._contexts = {}
+
     async def start(self) -> None:
         """Create the session on the running loop (also done on first use)."""
         if self._session is None or self._session.closed:

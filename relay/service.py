@@ -13,24 +13,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from relay.attempts import single_request_limit
-from relay.config import Config, ListenerConfig
+from relay.config import Config, ListenerConfig, load_config
 from relay.delivery import DeliveryEngine
+from relay.errors import ConfigError
 from relay.graph import GraphClient
+from relay.logs import setup_logging
 from relay.smtp import ConnectionLimiter, RelayHandler, RelaySMTP, server_tls_context
 from relay.spool import Spool
 from relay.tokens import TokenProvider
 
-__all__ = ["BoundListener", "RelayService"]
+__all__ = ["BoundListener", "RelayService", "serve_until_stopped"]
 
 log = logging.getLogger("relay.service")
 
 # RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes for the next command.
 SMTP_IDLE_TIMEOUT = 300.0
+# A replaced token provider is closed this long after a reload (its requests time out at 15 s).
+RETIRE_AFTER = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +71,9 @@ class RelayService:
             total=config.smtp.max_connections, per_client=config.smtp.max_connections_per_client
         )
         self.handler = RelayHandler(config=self.current_config, submitter=self.delivery)
+        self._server_tls: ssl.SSLContext | None = None
+        self._retired: list[asyncio.TimerHandle] = []
+        self._retired_providers: list[TokenProvider] = []
         self._running = _Running()
 
     def current_config(self) -> Config:
@@ -129,18 +138,66 @@ class RelayService:
             self.spool.close()  # releases the lock: another relay may now recover this spool
         await self.graph.close()
         self.tokens.close()
+        for handle in self._retired:
+            handle.cancel()
+        for provider in self._retired_providers:
+            provider.close()
 
     def _tls_context(self) -> ssl.SSLContext | None:
         files = self._config.smtp.tls
         if files is None:
             return None
-        return server_tls_context(str(files.cert_file), str(files.key_file))
+        if self._server_tls is None:
+            self._server_tls = server_tls_context(str(files.cert_file), str(files.key_file))
+        return self._server_tls
+
+    def reload(self, new: Config) -> list[str]:
+        """Apply a new configuration without dropping a connection or a message (SIGHUP).
+
+        Clients, routes, limits, auth objects (secrets and certificates re-read by the config
+        loader), delivery timing and the server certificate take effect for the next command
+        and the next TLS handshake: the config is one reference swapped at once, and the
+        certificate is loaded into the very SSLContext the listeners use. What cannot change
+        under a running process (listener addresses, delivery mode, spool location) keeps its
+        old value and is returned as a list of notes to log; a restart applies it.
+        """
+        old = self._config
+        notes: list[str] = []
+        keep: dict[str, object] = {}
+        if [(li.address, li.port, li.tls) for li in new.smtp.listeners] != [
+            (li.address, li.port, li.tls) for li in old.smtp.listeners
+        ]:
+            notes.append("smtp.listeners changed: restart to apply")
+        if (new.delivery.mode == "direct") != (old.delivery.mode == "direct") or (
+            new.delivery.spool_dir != old.delivery.spool_dir
+        ):
+            notes.append("delivery.mode/spool_dir changed: restart to apply")
+            keep["delivery"] = new.delivery.model_copy(
+                update={"mode": old.delivery.mode, "spool_dir": old.delivery.spool_dir}
+            )
+        if (new.smtp.tls is None) != (old.smtp.tls is None):
+            notes.append("smtp.tls added or removed: restart to apply")
+        elif new.smtp.tls is not None and self._server_tls is not None:
+            # New handshakes use the new chain; established sessions keep theirs.
+            self._server_tls.load_cert_chain(
+                str(new.smtp.tls.cert_file), str(new.smtp.tls.key_file)
+            )
+        if new.auth_objects != old.auth_objects:
+            retired = self.tokens
+            self.tokens = TokenProvider(new.auth_objects)
+            self.graph.reconfigure(self.tokens)
+            # Token requests still running on the old provider finish first.
+            self._retired.append(asyncio.get_running_loop().call_later(RETIRE_AFTER, retired.close))
+            self._retired_providers.append(retired)
+        self.limiter.total = new.smtp.max_connections
+        self.limiter.per_client = new.smtp.max_connections_per_client
+        self._config = new.model_copy(update=keep) if keep else new
+        return notes
 
     def _protocol_factory(
         self, handler: RelayHandler, listener: ListenerConfig, tls: ssl.SSLContext | None
     ) -> Callable[[], RelaySMTP]:
         loop = asyncio.get_running_loop()
-        config = self._config
 
         def factory() -> RelaySMTP:
             return RelaySMTP(
@@ -149,7 +206,7 @@ class RelayService:
                 data_size_limit=self.max_message_size,
                 enable_SMTPUTF8=True,
                 decode_data=False,
-                hostname=config.smtp.hostname,
+                hostname=self._config.smtp.hostname,
                 ident="smtp-graph-relay",
                 tls_context=tls if listener.tls == "starttls" else None,
                 require_starttls=False,
@@ -159,3 +216,62 @@ class RelayService:
             )
 
         return factory
+
+
+async def serve_until_stopped(config_path: Path, config: Config) -> int:
+    """`serve`: run until SIGTERM/SIGINT; SIGHUP reloads `config_path`. Returns the exit code.
+
+    A reload that does not validate is logged with every problem and changes nothing: the
+    running configuration stays in force.
+    """
+    service = RelayService(config)
+    stop = asyncio.Event()
+    reload_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
+    try:
+        try:
+            await service.start()
+        except OSError as exc:
+            log.error("cannot start: %s", exc, extra={"event": "start_failed"})
+            return 1
+        log.info("relay started", extra={"event": "started"})
+        while not stop.is_set():
+            waiters = {
+                asyncio.create_task(stop.wait()),
+                asyncio.create_task(reload_requested.wait()),
+            }
+            _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if reload_requested.is_set() and not stop.is_set():
+                reload_requested.clear()
+                await _reload(service, config_path)
+        log.info("stopping", extra={"event": "stopping"})
+        await service.stop()
+        log.info("stopped", extra={"event": "stopped"})
+        return 0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+async def _reload(service: RelayService, config_path: Path) -> None:
+    try:
+        new = await asyncio.to_thread(load_config, config_path)
+    except ConfigError as exc:
+        log.error(
+            "reload rejected, the running configuration stays in force: %s",
+            exc,
+            extra={"event": "reload_rejected", "problems": [str(p) for p in exc.problems]},
+        )
+        return
+    notes = service.reload(new)
+    setup_logging(new.logging.level, new.logging.format)
+    log.info(
+        "configuration reloaded%s",
+        "; " + "; ".join(notes) if notes else "",
+        extra={"event": "reloaded", "notes": notes},
+    )
