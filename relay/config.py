@@ -10,7 +10,8 @@ once, completely and loudly, before anything starts:
 - secrets (client secret inline, from a file or an environment variable, or a certificate and
   private key) are read and checked here, so `check-config` catches a missing credential file
   without touching the network. Secrets are held in objects whose repr hides them and are never
-  part of an error message.
+  part of an error message. Credential paths may start with `${CREDENTIALS_DIRECTORY}/`, where
+  systemd's `LoadCredential=` puts them (the relay only reads that variable, never sets one).
 
 Everything that crosses into the rest of the program is a frozen model or dataclass.
 """
@@ -406,6 +407,15 @@ class AuthObjectConfig(_Model):
             raise ValueError(f"{value!r} must look like http://proxy.example.com:3128")
         return value
 
+    @field_validator("client_secret_file", "certificate_file", "private_key_file", mode="before")
+    @classmethod
+    def _credentials_directory(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, str):
+            return value
+        context: Mapping[str, Any] = info.context or {}
+        environ: Mapping[str, str] = context.get("environ", os.environ)
+        return _expand_credentials_directory(value, str(info.field_name), environ)
+
     @model_validator(mode="after")
     def _endpoints_and_credential(self, info: ValidationInfo) -> AuthObjectConfig:
         if (self.authority_host is None) != (self.graph_endpoint is None):
@@ -465,6 +475,35 @@ class AuthObjectConfig(_Model):
 
     def resolve_path(self, path: Path, base_dir: Path) -> Path:
         return path if path.is_absolute() else base_dir / path
+
+
+_CREDENTIALS_PREFIXES = ("${CREDENTIALS_DIRECTORY}/", "$CREDENTIALS_DIRECTORY/")
+
+
+def _expand_credentials_directory(value: str, key: str, environ: Mapping[str, str]) -> str:
+    """`${CREDENTIALS_DIRECTORY}/name` -> where systemd's `LoadCredential=name:...` put it.
+
+    Only this one leading variable is expanded: general `$VAR` expansion would let the
+    environment change which file is read, which the config should say by itself.
+    """
+    prefix = next((p for p in _CREDENTIALS_PREFIXES if value.startswith(p)), None)
+    if prefix is None:
+        if "CREDENTIALS_DIRECTORY" in value:
+            raise ValueError(
+                f"{key} must start with ${{CREDENTIALS_DIRECTORY}}/ followed by the credential "
+                f"name (e.g. ${{CREDENTIALS_DIRECTORY}}/contoso), or be a plain path"
+            )
+        return value
+    name = value[len(prefix) :]
+    if not name:
+        raise ValueError(f"{key} names no credential after ${{CREDENTIALS_DIRECTORY}}/")
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise ValueError(
+            f"{key} uses ${{CREDENTIALS_DIRECTORY}}, which is not set: run under systemd with "
+            f"LoadCredential={name}:/path/to/file, or use an absolute path"
+        )
+    return f"{directory.rstrip('/')}/{name}"
 
 
 def _resolve_credential(

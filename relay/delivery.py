@@ -112,6 +112,11 @@ class DeliveryEngine:
         self._inline = _Tasks()
 
     @property
+    def running(self) -> bool:
+        """False once the queue runner's loop has ended (crashed or stopped)."""
+        return self.runner is None or self.runner.running
+
+    @property
     def in_flight(self) -> int:
         running = len(self._inline.running)
         return running + (self.runner.in_flight if self.runner is not None else 0)

@@ -70,6 +70,11 @@ class QueueRunner:
         self._stopping = False
 
     @property
+    def running(self) -> bool:
+        """False once the loop has ended: crashed (a restart helps) or stopped."""
+        return self._loop_task is not None and not self._loop_task.done()
+
+    @property
     def in_flight(self) -> int:
         return len(self._workers)
 

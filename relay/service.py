@@ -27,6 +27,7 @@ from relay.graph import GraphClient
 from relay.logs import setup_logging
 from relay.smtp import ConnectionLimiter, RelayHandler, RelaySMTP, server_tls_context
 from relay.spool import Spool
+from relay.systemd import SystemdNotifier, run_watchdog
 from relay.tokens import TokenProvider
 
 __all__ = ["BoundListener", "RelayService", "serve_until_stopped"]
@@ -78,6 +79,13 @@ class RelayService:
 
     def current_config(self) -> Config:
         return self._config
+
+    def alive(self) -> bool:
+        """For the systemd watchdog: nothing a restart would fix. Every listener is serving
+        and the queue runner's loop is running. (A full disk or Microsoft 365 trouble are not
+        failures a restart fixes; they are answered with 451 and show in /healthz, /readyz.)"""
+        servers = self._running.servers
+        return bool(servers) and all(s.is_serving() for s in servers) and self.delivery.running
 
     @property
     def listeners(self) -> list[BoundListener]:
@@ -218,15 +226,21 @@ class RelayService:
         return factory
 
 
-async def serve_until_stopped(config_path: Path, config: Config) -> int:
+async def serve_until_stopped(
+    config_path: Path, config: Config, *, notifier: SystemdNotifier | None = None
+) -> int:
     """`serve`: run until SIGTERM/SIGINT; SIGHUP reloads `config_path`. Returns the exit code.
 
     A reload that does not validate is logged with every problem and changes nothing: the
-    running configuration stays in force.
+    running configuration stays in force. Under systemd (Type=notify) the relay reports READY=1
+    once listening, RELOADING=1/READY=1 around each reload, STOPPING=1, and pings the watchdog.
     """
+    notifier = notifier or SystemdNotifier.from_environ()
     service = RelayService(config)
     stop = asyncio.Event()
     reload_requested = asyncio.Event()
+    watchdog_stop = asyncio.Event()
+    watchdog: asyncio.Task[None] | None = None
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -236,8 +250,13 @@ async def serve_until_stopped(config_path: Path, config: Config) -> int:
             await service.start()
         except OSError as exc:
             log.error("cannot start: %s", exc, extra={"event": "start_failed"})
+            notifier.status(f"cannot start: {exc}")
             return 1
         log.info("relay started", extra={"event": "started"})
+        notifier.ready(_status_line(service))
+        watchdog = asyncio.create_task(
+            run_watchdog(notifier, service.alive, watchdog_stop), name="systemd-watchdog"
+        )
         while not stop.is_set():
             waiters = {
                 asyncio.create_task(stop.wait()),
@@ -248,17 +267,29 @@ async def serve_until_stopped(config_path: Path, config: Config) -> int:
                 task.cancel()
             if reload_requested.is_set() and not stop.is_set():
                 reload_requested.clear()
-                await _reload(service, config_path)
+                notifier.reloading("reloading configuration")
+                outcome = await _reload(service, config_path)
+                notifier.ready(f"{outcome}; {_status_line(service)}")
+        notifier.stopping("stopping: finishing transactions and deliveries")
+        watchdog_stop.set()
         log.info("stopping", extra={"event": "stopping"})
         await service.stop()
         log.info("stopped", extra={"event": "stopped"})
         return 0
     finally:
+        watchdog_stop.set()
+        if watchdog is not None:
+            await watchdog
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 
-async def _reload(service: RelayService, config_path: Path) -> None:
+def _status_line(service: RelayService) -> str:
+    return "accepting mail on " + ", ".join(f"{b.host}:{b.port}" for b in service.listeners)
+
+
+async def _reload(service: RelayService, config_path: Path) -> str:
+    """Apply `config_path`; return one line for systemd's STATUS=."""
     try:
         new = await asyncio.to_thread(load_config, config_path)
     except ConfigError as exc:
@@ -267,7 +298,7 @@ async def _reload(service: RelayService, config_path: Path) -> None:
             exc,
             extra={"event": "reload_rejected", "problems": [str(p) for p in exc.problems]},
         )
-        return
+        return "reload rejected (see the log); the previous configuration stays in force"
     notes = service.reload(new)
     setup_logging(new.logging.level, new.logging.format)
     log.info(
@@ -275,3 +306,4 @@ async def _reload(service: RelayService, config_path: Path) -> None:
         "; " + "; ".join(notes) if notes else "",
         extra={"event": "reloaded", "notes": notes},
     )
+    return "configuration reloaded" + (" (some changes need a restart)" if notes else "")
