@@ -26,6 +26,7 @@ from typing import Protocol
 
 from relay.config import AuthObjectConfig, Config
 from relay.errors import DeliveryError, PermanentDeliveryError, SmtpReply, TransientDeliveryError
+from relay.metrics import NULL_METRICS, ErrorReport, MetricsSink
 from relay.spool import EntryMeta
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "GraphSender",
     "MailboxSlots",
     "Outcome",
+    "error_report",
     "message_fields",
     "single_request_limit",
 ]
@@ -105,6 +107,41 @@ def message_fields(meta: EntryMeta) -> dict[str, object]:
     }
 
 
+def error_report(
+    meta: EntryMeta,
+    event: str,
+    *,
+    at: float,
+    reply: SmtpReply,
+    failure: DeliveryError | None = None,
+    message: str = "",
+) -> ErrorReport:
+    """What the status page shows about a failed attempt (no addresses beyond the mailbox)."""
+    return ErrorReport(
+        at=at,
+        event=event,
+        queue_id=meta.queue_id,
+        route=meta.route,
+        auth_object=meta.auth_object,
+        mailbox=meta.mailbox,
+        http_status=failure.http_status if failure else None,
+        code=failure.code if failure else None,
+        request_id=failure.request_id if failure else None,
+        reply=str(reply),
+        remedy=failure.remedy if failure else "",
+        message=failure.message if failure else message,
+    )
+
+
+def _from_graph(failure: DeliveryError) -> bool:
+    """Whether Graph (or the way to it) produced `failure`, rather than the token step.
+
+    Token failures are 451 4.7.0 (relay.aadsts) and are counted as token acquisitions; the only
+    Graph answer mapped to 4.7.0 is its 401.
+    """
+    return failure.reply.status != "4.7.0" or failure.http_status == 401
+
+
 class MailboxSlots:
     """At most `limit` concurrent Graph requests per (auth object, mailbox), plus pauses."""
 
@@ -164,10 +201,14 @@ class GraphAttempts:
         config: Callable[[], Config],
         graph: GraphSender,
         monotonic: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
+        metrics: MetricsSink = NULL_METRICS,
     ) -> None:
         self._config = config
         self._graph = graph
         self._monotonic = monotonic
+        self._clock = clock
+        self.metrics = metrics
         self.slots = MailboxSlots(monotonic=monotonic)
 
     async def send(self, meta: EntryMeta, mime: bytes) -> Outcome:
@@ -185,17 +226,25 @@ class GraphAttempts:
         started = self._monotonic()
         try:
             async with self.slots.hold(meta.auth_object, meta.mailbox):
-                result = await self._graph.send_mime(
-                    auth,
-                    meta.auth_object,
-                    meta.mailbox,
-                    mime,
-                    client_request_id=str(uuid.uuid4()),
-                )
+                requested = self._monotonic()  # the latency metric leaves out the slot wait
+                try:
+                    result = await self._graph.send_mime(
+                        auth,
+                        meta.auth_object,
+                        meta.mailbox,
+                        mime,
+                        client_request_id=str(uuid.uuid4()),
+                    )
+                except DeliveryError as failure:
+                    if _from_graph(failure):
+                        elapsed = self._monotonic() - requested
+                        self.metrics.graph_response(failure.http_status, failure.code, elapsed)
+                    raise
         except DeliveryError as failure:
             if isinstance(failure, TransientDeliveryError) and failure.http_status == 429:
                 self.slots.pause(meta.auth_object, meta.mailbox, failure.retry_after or 1.0)
             return failure
+        self.metrics.graph_response(result.status, None, self._monotonic() - requested)
         return Delivered(
             status=result.status,
             request_id=result.request_id,
@@ -203,6 +252,8 @@ class GraphAttempts:
         )
 
     def log_delivered(self, meta: EntryMeta, outcome: Delivered) -> None:
+        """The `delivered` event: log line and metrics."""
+        self.metrics.delivered(meta.route, meta.auth_object, self._clock() - meta.created)
         log.info(
             "delivered %s from=<%s> rcpts=%d route=%s mailbox=%s graph=%s request_id=%s",
             meta.queue_id,
@@ -222,6 +273,14 @@ class GraphAttempts:
         )
 
     def log_failure(self, meta: EntryMeta, failure: DeliveryError, event: str) -> None:
+        """A `deferred`, `failed` or `expired` event: log line, metrics, status page."""
+        if event == "deferred":
+            self.metrics.deferred(meta.route)
+        elif event in ("failed", "expired"):
+            self.metrics.failed(meta.route, "expired" if event == "expired" else "permanent")
+        self.metrics.delivery_error(
+            error_report(meta, event, at=self._clock(), reply=failure.reply, failure=failure)
+        )
         alert = isinstance(failure, TransientDeliveryError) and failure.alert
         log.log(
             logging.ERROR if alert or event in ("failed", "expired") else logging.WARNING,

@@ -684,8 +684,10 @@ class DeliveryConfig(_Model):
 
 
 class AdminConfig(_Model):
+    """The HTTP endpoint for /healthz, /readyz, /metrics and the status page (loopback)."""
+
     address: str = "127.0.0.1"
-    port: int = Field(default=9025, ge=1, le=65535)
+    port: int = Field(default=9025, ge=0, le=65535)  # 0: any free port (tests)
 
 
 class LoggingConfig(_Model):

@@ -31,9 +31,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.attempts import Delivered, GraphAttempts, GraphSender, message_fields
+from relay.attempts import Delivered, GraphAttempts, GraphSender, error_report, message_fields
 from relay.config import Config
 from relay.errors import DeliveryError, SmtpReply
+from relay.metrics import NULL_METRICS, AcceptedOutcome, MetricsSink
 from relay.runner import QueueRunner
 from relay.smtp import Submission
 from relay.spool import EntryMeta, Spool, SpoolUnavailableError
@@ -52,6 +53,13 @@ def _delivered(queue_id: str) -> SmtpReply:
 
 def _queued(queue_id: str) -> SmtpReply:
     return SmtpReply(250, "2.0.0", f"Ok: queued {queue_id}")
+
+
+def _accepted(reply: SmtpReply) -> AcceptedOutcome | None:
+    """What a reply built by `_delivered` or `_queued` told the client; None for the rest."""
+    if reply.code != 250:
+        return None
+    return "delivered" if reply.text.startswith("Ok: delivered") else "queued"
 
 
 @dataclass(slots=True)
@@ -92,11 +100,15 @@ class DeliveryEngine:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         random_fraction: Callable[[], float] = random.random,
+        metrics: MetricsSink = NULL_METRICS,
     ) -> None:
         self._config = config
         self._clock = clock
+        self._metrics = metrics
         self.spool = spool
-        self.attempts = GraphAttempts(config=config, graph=graph, monotonic=monotonic)
+        self.attempts = GraphAttempts(
+            config=config, graph=graph, monotonic=monotonic, clock=clock, metrics=metrics
+        )
         self.runner = (
             QueueRunner(
                 config=config,
@@ -105,6 +117,7 @@ class DeliveryEngine:
                 clock=clock,
                 monotonic=monotonic,
                 random_fraction=random_fraction,
+                metrics=metrics,
             )
             if spool is not None
             else None
@@ -139,6 +152,14 @@ class DeliveryEngine:
             await self.runner.stop(grace)
 
     async def submit(self, submission: Submission) -> SmtpReply:
+        """Deliver or queue per `delivery.mode`; the reply is what the client is told."""
+        reply = await self._submit(submission)
+        outcome = _accepted(reply)
+        if outcome is not None:  # counted only once the hook has its 250 to return
+            self._metrics.accepted(submission.route.name, outcome)
+        return reply
+
+    async def _submit(self, submission: Submission) -> SmtpReply:
         mode = self._config().delivery.mode
         if mode == "direct" or self.spool is None:
             return await self._direct(submission)
@@ -226,6 +247,16 @@ class DeliveryEngine:
                 "deferred %s: no answer from Graph in time",
                 meta.queue_id,
                 extra={"event": "deferred", **message_fields(meta), "reply": str(SLOW_GRAPH)},
+            )
+            self._metrics.deferred(meta.route)
+            self._metrics.delivery_error(
+                error_report(
+                    meta,
+                    "deferred",
+                    at=self._clock(),
+                    reply=SLOW_GRAPH,
+                    message="no answer from Graph in time",
+                )
             )
             return SLOW_GRAPH
         if isinstance(outcome, DeliveryError):

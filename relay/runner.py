@@ -32,6 +32,7 @@ from relay.attempts import Delivered, GraphAttempts, Outcome, message_fields
 from relay.config import Config
 from relay.errors import DeliveryError, TransientDeliveryError
 from relay.message import BounceRequest, FailedRecipient, build_dsn, is_bounce
+from relay.metrics import NULL_METRICS, MetricsSink
 from relay.schedule import Backoff, is_expired, next_attempt_at
 from relay.spool import EntryMeta, Spool, SpoolUnavailableError
 
@@ -55,10 +56,12 @@ class QueueRunner:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         random_fraction: Callable[[], float],
+        metrics: MetricsSink = NULL_METRICS,
     ) -> None:
         self._config = config
         self._spool = spool
         self._attempts = attempts
+        self._metrics = metrics
         self._clock = clock
         self._monotonic = monotonic
         self._random = random_fraction
@@ -326,6 +329,7 @@ class QueueRunner:
             queue_id,
             extra={"event": "bounced", **message_fields(meta), "bounce_id": queue_id},
         )
+        self._metrics.bounced(meta.route)
         self.schedule(bounce)
 
 

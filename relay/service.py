@@ -19,12 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.admin import AdminServer, HealthSources
 from relay.attempts import single_request_limit
 from relay.config import Config, ListenerConfig, load_config
 from relay.delivery import DeliveryEngine
 from relay.errors import ConfigError
 from relay.graph import GraphClient
 from relay.logs import setup_logging
+from relay.metrics import NULL_METRICS, MetricsSink, RelayMetrics
 from relay.smtp import ConnectionLimiter, RelayHandler, RelaySMTP, server_tls_context
 from relay.spool import Spool
 from relay.systemd import SystemdNotifier, run_watchdog
@@ -56,9 +58,13 @@ class _Running:
 class RelayService:
     """The relay: SMTP listeners + delivery engine + Graph client, started and stopped as one."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, metrics: RelayMetrics | None = None) -> None:
         self._config = config
-        self.tokens = TokenProvider(config.auth_objects)
+        self.metrics = metrics
+        self._sink: MetricsSink = metrics if metrics is not None else NULL_METRICS
+        # Listeners are bound once; a reload cannot move them (see reload()).
+        self._listener_configs = tuple(config.smtp.listeners)
+        self.tokens = TokenProvider(config.auth_objects, metrics=self._sink)
         self.graph = GraphClient(self.tokens)
         self.spool = (
             Spool(config.delivery.spool_dir, reserve_bytes=int(1.5 * self.max_message_size))
@@ -66,12 +72,18 @@ class RelayService:
             else None
         )
         self.delivery = DeliveryEngine(
-            config=self.current_config, graph=self.graph, spool=self.spool
+            config=self.current_config, graph=self.graph, spool=self.spool, metrics=self._sink
         )
         self.limiter = ConnectionLimiter(
-            total=config.smtp.max_connections, per_client=config.smtp.max_connections_per_client
+            total=config.smtp.max_connections,
+            per_client=config.smtp.max_connections_per_client,
+            metrics=self._sink,
         )
-        self.handler = RelayHandler(config=self.current_config, submitter=self.delivery)
+        self.handler = RelayHandler(
+            config=self.current_config, submitter=self.delivery, metrics=self._sink
+        )
+        if metrics is not None and self.spool is not None:
+            metrics.track_spool(self.spool.stats)
         self._server_tls: ssl.SSLContext | None = None
         self._retired: list[asyncio.TimerHandle] = []
         self._retired_providers: list[TokenProvider] = []
@@ -90,6 +102,16 @@ class RelayService:
     @property
     def listeners(self) -> list[BoundListener]:
         return list(self._running.listeners)
+
+    def health_sources(self) -> HealthSources:
+        """What the admin server checks and shows; follows reloads (tokens, config)."""
+        return HealthSources(
+            config=self.current_config,
+            listeners=self._listener_configs,
+            bound=lambda: self.listeners,
+            tokens=lambda: self.tokens.status(),
+            spool=self.spool,
+        )
 
     @property
     def max_message_size(self) -> int:
@@ -192,7 +214,7 @@ class RelayService:
             )
         if new.auth_objects != old.auth_objects:
             retired = self.tokens
-            self.tokens = TokenProvider(new.auth_objects)
+            self.tokens = TokenProvider(new.auth_objects, metrics=self._sink)
             self.graph.reconfigure(self.tokens)
             # Token requests still running on the old provider finish first.
             self._retired.append(asyncio.get_running_loop().call_later(RETIRE_AFTER, retired.close))
@@ -236,7 +258,9 @@ async def serve_until_stopped(
     once listening, RELOADING=1/READY=1 around each reload, STOPPING=1, and pings the watchdog.
     """
     notifier = notifier or SystemdNotifier.from_environ()
-    service = RelayService(config)
+    metrics = RelayMetrics()
+    service = RelayService(config, metrics=metrics)
+    admin = AdminServer(config.admin, metrics=metrics, health=service.health_sources())
     stop = asyncio.Event()
     reload_requested = asyncio.Event()
     watchdog_stop = asyncio.Event()
@@ -247,6 +271,7 @@ async def serve_until_stopped(
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
     try:
         try:
+            await admin.start()  # first: a taken admin port fails before any mail is accepted
             await service.start()
         except OSError as exc:
             log.error("cannot start: %s", exc, extra={"event": "start_failed"})
@@ -280,6 +305,7 @@ async def serve_until_stopped(
         watchdog_stop.set()
         if watchdog is not None:
             await watchdog
+        await admin.stop()  # last: /healthz answers 503 while the relay drains
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 

@@ -43,6 +43,7 @@ from relay.message import (
     author_addresses,
     prepare_for_graph,
 )
+from relay.metrics import NULL_METRICS, MetricsSink
 from relay.policy import (
     Route,
     check_authors,
@@ -115,9 +116,11 @@ class RelayHandler:
         submitter: Submitter,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         new_queue_id: Callable[[], str] = lambda: uuid.uuid4().hex[:16].upper(),
+        metrics: MetricsSink = NULL_METRICS,
     ) -> None:
         self._config = config
         self._submitter = submitter
+        self._metrics = metrics
         self._clock = clock
         self._new_queue_id = new_queue_id
         self._accepting = True
@@ -181,6 +184,7 @@ class RelayHandler:
             reply = await step
         except PolicyError as refusal:
             reply = refusal.reply
+            self._metrics.refused(reply.code)
             log.info(
                 "refused %s: %s",
                 _client_ip(session),
@@ -217,6 +221,7 @@ class RelayHandler:
         if options:
             return SmtpReply(555, "5.5.4", "RCPT TO parameters are not supported")
         if len(envelope.rcpt_tos) >= config.smtp.max_recipients:
+            self._metrics.refused(452)
             return SmtpReply(
                 452, "4.5.3", f"Too many recipients (at most {config.smtp.max_recipients})"
             )
@@ -285,9 +290,10 @@ def _protocol(server: SMTP, session: Session) -> str:
 class ConnectionLimiter:
     """Counts open SMTP connections, in total and per client address."""
 
-    def __init__(self, *, total: int, per_client: int) -> None:
+    def __init__(self, *, total: int, per_client: int, metrics: MetricsSink = NULL_METRICS) -> None:
         self.total = total
         self.per_client = per_client
+        self._metrics = metrics
         self._open: Counter[str] = Counter()
         self._transports: set[asyncio.BaseTransport] = set()
 
@@ -309,14 +315,17 @@ class ConnectionLimiter:
 
     def try_acquire(self, client_ip: str) -> bool:
         if self.open_connections >= self.total or self._open[client_ip] >= self.per_client:
+            self._metrics.refused(TOO_MANY_CONNECTIONS.code)
             return False
         self._open[client_ip] += 1
+        self._metrics.connections(self.open_connections)
         return True
 
     def release(self, client_ip: str) -> None:
         self._open[client_ip] -= 1
         if self._open[client_ip] <= 0:
             del self._open[client_ip]
+        self._metrics.connections(self.open_connections)
 
 
 class RelaySMTP(SMTP):

@@ -36,6 +36,7 @@ import binascii
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,12 +51,14 @@ from msal.exceptions import MsalError
 from relay.aadsts import error_from_empty_result, error_from_exception, error_from_result
 from relay.config import AuthObjectConfig, ClientSecret
 from relay.errors import TransientDeliveryError
+from relay.metrics import NULL_METRICS, MetricsSink
 from relay.transport import PinnedTrustSession, ssl_context_for
 
 __all__ = [
     "TokenCheck",
     "TokenClaims",
     "TokenProvider",
+    "TokenStatus",
     "decode_jwt_payload",
     "token_claims",
 ]
@@ -139,6 +142,17 @@ class TokenCheck:
 # --- the provider --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class TokenStatus:
+    """The last token outcome of one auth object, for readiness and the status page."""
+
+    last_ok: bool | None = None  # None: no token was needed yet
+    last_at: float | None = None  # wall-clock time of the last outcome
+    expires_at: float | None = None  # of the last token the identity provider issued
+    code: str | None = None  # AADSTS (or MSAL) code of the last failure
+    remedy: str = ""  # the setup step that fixes the last failure
+
+
 @dataclass(slots=True)
 class _State:
     auth: AuthObjectConfig
@@ -148,14 +162,24 @@ class _State:
     session: PinnedTrustSession | None = None
     current: str | None = None
     token_requests: int = 0
+    status: TokenStatus = field(default_factory=TokenStatus)
 
 
 class TokenProvider:
     """App-only Graph tokens for the configured auth objects (see the module docstring)."""
 
-    def __init__(self, auth_objects: Mapping[str, AuthObjectConfig], *, timeout: float = 15.0):
+    def __init__(
+        self,
+        auth_objects: Mapping[str, AuthObjectConfig],
+        *,
+        timeout: float = 15.0,
+        metrics: MetricsSink = NULL_METRICS,
+        clock: Callable[[], float] = time.time,
+    ):
         self._states = {name: _State(auth) for name, auth in auth_objects.items()}
         self._timeout = timeout
+        self._metrics = metrics
+        self._clock = clock
         self._executor: ThreadPoolExecutor | None = None
 
     async def _in_thread(self, call: Callable[[], Any]) -> Any:
@@ -174,6 +198,10 @@ class TokenProvider:
     def token_requests(self) -> Mapping[str, int]:
         """Identity-provider round trips that returned a token, per auth object."""
         return {name: state.token_requests for name, state in self._states.items()}
+
+    def status(self) -> Mapping[str, TokenStatus]:
+        """The last token outcome per auth object (cache hits included). Never blocks."""
+        return {name: state.status for name, state in self._states.items()}
 
     async def get_token(self, name: str, *, stale: str | None = None) -> str:
         """A valid access token for auth object `name`.
@@ -283,19 +311,30 @@ class TokenProvider:
             error = result
         elif isinstance(result, dict) and isinstance(result.get("access_token"), str):
             token: str = result["access_token"]
+            now = self._clock()
+            expires_at = state.status.expires_at
             if result.get("token_source") == "identity_provider":
                 state.token_requests += 1
+                self._metrics.token_request(name, ok=True)
+                expires_in = result.get("expires_in")
+                if isinstance(expires_in, int | float):
+                    expires_at = now + expires_in
                 _LOG.info(
                     "token acquired auth_object=%s expires_in=%s source=identity_provider",
                     name,
-                    result.get("expires_in"),
+                    expires_in,
                 )
             state.current = token
+            state.status = TokenStatus(last_ok=True, last_at=now, expires_at=expires_at)
             return token
         elif isinstance(result, dict):
             error = error_from_result(result, auth_name=name, secret=secret)
         else:
             error = error_from_empty_result(auth_name=name)
+        self._metrics.token_request(name, ok=False)
+        state.status = TokenStatus(
+            last_ok=False, last_at=self._clock(), code=error.code, remedy=error.remedy
+        )
         _LOG.log(
             logging.ERROR if error.alert else logging.WARNING,
             "token request failed auth_object=%s alert=%s %s",

@@ -112,6 +112,8 @@ def relay_config_text(
             "routes:",
             textwrap.indent(routes, "  "),
             f"delivery: {delivery}",
+            # relays started as processes must not compete for the default 9025
+            "admin: {address: 127.0.0.1, port: 0}",
         ]
     )
 

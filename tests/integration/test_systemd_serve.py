@@ -45,6 +45,7 @@ async def test_serve_speaks_sd_notify(tmp_path: Path) -> None:
                 client_secret_file: ${{CREDENTIALS_DIRECTORY}}/contoso
             routes: [{{senders: ["*"], auth_object: contoso}}]
             delivery: {{mode: queue, spool_dir: {tmp_path / "spool"}}}
+            admin: {{address: 127.0.0.1, port: 0}}
             """
         )
     )
