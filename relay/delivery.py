@@ -164,8 +164,11 @@ class DeliveryEngine:
         if mode == "direct" or self.spool is None:
             return await self._direct(submission)
         meta = self._meta(submission)
-        # hybrid commits the entry already claimed, so no worker races the inline attempt
-        claimed = mode == "hybrid"
+        # hybrid commits the entry already claimed, so no worker races the inline attempt. When
+        # the mailbox's Graph slots are all taken the inline attempt would only wait, holding a
+        # claim a crash would count against the message: queue it for the workers instead.
+        inline = mode == "hybrid" and not self.attempts.slots.busy(meta.auth_object, meta.mailbox)
+        claimed = inline
         try:
             await asyncio.to_thread(
                 self.spool.store, meta, submission.message.mime, claimed=claimed
@@ -192,7 +195,7 @@ class DeliveryEngine:
             extra={"event": "queued", **message_fields(meta)},
         )
         assert self.runner is not None
-        if mode == "queue":
+        if not inline:
             self.runner.schedule(meta)
             return _queued(meta.queue_id)
         return await self._hybrid(meta, submission.message.mime)

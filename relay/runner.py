@@ -125,6 +125,7 @@ class QueueRunner:
                 if self._monotonic() >= next_rescan:
                     await self._rescan()
                     next_rescan = self._monotonic() + RESCAN_SECONDS
+                    wait = 0.0  # what the rescan found (CLI retry, lost hints) is due now
                 wait = min(wait, max(0.0, next_rescan - self._monotonic()))
                 self._wake.clear()
                 if wait > 0:

@@ -343,3 +343,50 @@ async def test_shutdown_requeues_what_is_in_flight_and_a_restart_delivers_it(
     )
     # At-least-once: the interrupted request may have landed too; the restart sent it again.
     assert 1 <= len(sandbox.received) <= 2
+
+
+async def test_an_entry_found_by_the_rescan_is_delivered_at_once(
+    start_relay: RelayFactory, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry the runner was not told about (CLI retry, another process) goes out right after
+    the next rescan, not one rescan period later."""
+    monkeypatch.setattr("relay.runner.RESCAN_SECONDS", 0.3)
+    relay = await start_relay(delivery=QUEUE)
+    spool_of(relay).store(
+        EntryMeta(
+            queue_id="FROMOUTSIDE1",
+            created=time.time(),
+            mail_from=MAILBOX,
+            recipients=("bob@partner.example",),
+            client="local",
+            client_ip="127.0.0.1",
+            auth_object="contoso",
+            mailbox=MAILBOX,
+            route="routes[0]",
+            message_id="<outside@relay.test>",
+            size=len(message()),
+        ),
+        message(subject="from outside"),
+    )
+    started = time.monotonic()
+    [mail] = await sandbox.wait_for_mail(1, timeout=5)
+    assert mail.subject == "from outside"
+    assert time.monotonic() - started < 2.0
+
+
+async def test_hybrid_queues_at_once_when_the_mailbox_has_no_free_graph_slot(
+    start_relay: RelayFactory, sandbox: Sandbox
+) -> None:
+    """With 4 requests already in flight for a mailbox, a fifth hybrid message is not held
+    claimed while it waits: it is queued for the workers and the client hears so at once."""
+    relay = await start_relay(delivery=HYBRID)
+    sandbox.faults.hold_graph()
+    first = [asyncio.create_task(asmtp_send(port_of(relay), message())) for _ in range(4)]
+    await sandbox.wait_until(lambda: sum(sandbox.in_flight.values()) == 4)
+    fifth = await asmtp_send(port_of(relay), message(subject="fifth"))
+    assert fifth.text.startswith("2.0.0 Ok: queued ")
+    assert spool_of(relay).stats(time.time()).active == 4
+    sandbox.faults.release_graph()
+    await asyncio.gather(*first)
+    received = await sandbox.wait_for_mail(5)
+    assert "fifth" in {m.subject for m in received}
