@@ -46,6 +46,23 @@ def port_of(relay: RelayService) -> int:
     return relay.listeners[0].port
 
 
+def outside_entry(queue_id: str) -> EntryMeta:
+    """Metadata for a message put into the spool behind the relay's back (as the CLI might)."""
+    return EntryMeta(
+        queue_id=queue_id,
+        created=time.time(),
+        mail_from=MAILBOX,
+        recipients=("bob@partner.example",),
+        client="local",
+        client_ip="127.0.0.1",
+        auth_object="contoso",
+        mailbox=MAILBOX,
+        route="routes[0]",
+        message_id=f"<{queue_id.lower()}@relay.test>",
+        size=len(message()),
+    )
+
+
 def queue_id_of(text: str) -> str:
     return text.rsplit(" ", 1)[-1]
 
@@ -266,22 +283,7 @@ async def test_corrupt_entry_is_moved_aside_and_the_others_are_delivered(
     spool = Spool(tmp_path / "spool", reserve_bytes=0)
     spool.open()
     for n in (1, 2):
-        spool.store(
-            EntryMeta(
-                queue_id=f"PRESET{n}",
-                created=time.time(),
-                mail_from=MAILBOX,
-                recipients=("bob@partner.example",),
-                client="local",
-                client_ip="127.0.0.1",
-                auth_object="contoso",
-                mailbox=MAILBOX,
-                route="routes[0]",
-                message_id=f"<preset{n}@relay.test>",
-                size=len(message()),
-            ),
-            message(subject=f"preset {n}"),
-        )
+        spool.store(outside_entry(f"PRESET{n}"), message(subject=f"preset {n}"))
     spool.close()
     [bad] = [p for p in (tmp_path / "spool" / "queue").iterdir() if "PRESET1" in p.name]
     bad.write_bytes(b"{ this is not json")
@@ -352,22 +354,7 @@ async def test_an_entry_found_by_the_rescan_is_delivered_at_once(
     the next rescan, not one rescan period later."""
     monkeypatch.setattr("relay.runner.RESCAN_SECONDS", 0.3)
     relay = await start_relay(delivery=QUEUE)
-    spool_of(relay).store(
-        EntryMeta(
-            queue_id="FROMOUTSIDE1",
-            created=time.time(),
-            mail_from=MAILBOX,
-            recipients=("bob@partner.example",),
-            client="local",
-            client_ip="127.0.0.1",
-            auth_object="contoso",
-            mailbox=MAILBOX,
-            route="routes[0]",
-            message_id="<outside@relay.test>",
-            size=len(message()),
-        ),
-        message(subject="from outside"),
-    )
+    spool_of(relay).store(outside_entry("FROMOUTSIDE1"), message(subject="from outside"))
     started = time.monotonic()
     [mail] = await sandbox.wait_for_mail(1, timeout=5)
     assert mail.subject == "from outside"
