@@ -7,7 +7,9 @@ queue worker), the same rules apply and the same log events come out:
   (concepts/throttling-limits.md); a fifth would only earn a 429;
 - after a 429 with Retry-After, that mailbox is paused for everyone, not just for the one
   message that was throttled;
-- a message whose base64 form cannot fit Graph's 4 MB request is refused before sending.
+- a message whose base64 form cannot fit Graph's 4 MB request takes the large-message path
+  (draft + upload sessions, `relay.large`) with `delivery.large_messages: upload`, and is refused
+  with 552 5.3.4 before sending with `reject`.
 
 `send` returns the outcome as a value (`Delivered` or the `DeliveryError`) instead of raising, so
 callers handle the three cases in one place.
@@ -18,27 +20,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
-from relay.config import AuthObjectConfig, Config
+from relay.config import AuthObjectConfig, Config, RouteConfig
 from relay.errors import DeliveryError, PermanentDeliveryError, SmtpReply, TransientDeliveryError
+from relay.message import CannotConvertError, GraphJsonTooLargeError, to_graph_message
 from relay.metrics import NULL_METRICS, ErrorReport, MetricsSink
 from relay.spool import EntryMeta
 
 __all__ = [
     "GRAPH_MAX_REQUEST_BYTES",
+    "MAX_LARGE_MESSAGE",
     "Delivered",
     "GraphAttempts",
     "GraphSender",
+    "JsonGraphSender",
+    "LargeGraphSender",
     "MailboxSlots",
     "Outcome",
     "error_report",
     "message_fields",
     "single_request_limit",
+    "size_limit",
 ]
 
 log = logging.getLogger("relay.delivery")
@@ -48,6 +56,10 @@ GRAPH_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 # Room for what the relay adds: Received, Date, Message-ID and a Bcc field naming recipients.
 _HEADER_HEADROOM = 64 * 1024
 MAILBOX_CONCURRENCY = 4
+# The largest message taken with large_messages: upload. Graph attaches files of up to 150 MB
+# (attachment-createuploadsession.md); in MIME such a file is base64 in 76-column lines
+# (x 4/3 x 78/76 = 205.3 MiB), plus room for the text and small attachments.
+MAX_LARGE_MESSAGE = 210 * 1024 * 1024
 
 
 def base64_size(size: int) -> int:
@@ -57,6 +69,15 @@ def base64_size(size: int) -> int:
 def single_request_limit() -> int:
     """Largest message (as received) whose prepared MIME still fits one sendMail request."""
     return (GRAPH_MAX_REQUEST_BYTES // 4) * 3 - _HEADER_HEADROOM
+
+
+def size_limit(config: Config) -> int:
+    """What EHLO advertises as SIZE: the configured limit, capped by what Graph can take, which
+    is one request with `large_messages: reject` and a 150 MB attachment with `upload`."""
+    cap = single_request_limit()
+    if config.delivery.large_messages == "upload":
+        cap = MAX_LARGE_MESSAGE
+    return min(config.smtp.max_message_size, cap)
 
 
 class SendOutcome(Protocol):
@@ -78,6 +99,53 @@ class GraphSender(Protocol):
         *,
         client_request_id: str,
     ) -> SendOutcome: ...
+
+
+@runtime_checkable
+class LargeGraphSender(Protocol):
+    """A GraphSender that can also send past the 4 MB limit (relay.graph.GraphClient)."""
+
+    async def send_large_mime(
+        self,
+        auth: AuthObjectConfig,
+        auth_name: str,
+        mailbox: str,
+        mime: bytes,
+        *,
+        client_request_id: str,
+    ) -> SendOutcome: ...
+
+
+@runtime_checkable
+class JsonGraphSender(Protocol):
+    """A GraphSender that can also send Graph's JSON message resource (relay.graph.GraphClient)."""
+
+    async def send_json(
+        self,
+        auth: AuthObjectConfig,
+        auth_name: str,
+        mailbox: str,
+        message_json: Mapping[str, Any],
+        save_to_sent_items: bool,
+        *,
+        client_request_id: str,
+    ) -> SendOutcome: ...
+
+
+_Send = Callable[..., Awaitable[SendOutcome]]
+_ROUTE_NAME = re.compile(r"routes\[(\d+)\]")
+
+
+def json_route(config: Config, meta: EntryMeta) -> RouteConfig | None:
+    """The route of `meta` when it needs the JSON form (DESIGN §3, §7: rewrite_from, or
+    save_to_sent_items: false, which MIME cannot express); None for the MIME form. The route is
+    read from the current config by its position, so a reload applies to queued messages too."""
+    match = _ROUTE_NAME.fullmatch(meta.route)
+    index = int(match.group(1)) if match else -1
+    if not 0 <= index < len(config.routes):
+        return None
+    route = config.routes[index]
+    return route if route.rewrite_from or not route.save_to_sent_items else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,22 +281,38 @@ class GraphAttempts:
 
     async def send(self, meta: EntryMeta, mime: bytes) -> Outcome:
         """One attempt. Never raises for Graph's or the network's failures."""
-        if base64_size(len(mime)) > GRAPH_MAX_REQUEST_BYTES:
-            return PermanentDeliveryError(
-                "message too large for one Graph request",
-                reply=SmtpReply(
-                    552, "5.3.4", "Message too large for Microsoft 365 (4 MB per request)"
-                ),
-                code="MessageTooLarge",
-                remedy="lower smtp.max_message_size or let the sender split the message",
-            )
-        auth = self._config().auth_objects[meta.auth_object]
+        config = self._config()
+        send: _Send = self._graph.send_mime
+        route = json_route(config, meta)
+        if route is not None:
+            chosen = self._json_send(meta, mime, route)
+            if isinstance(chosen, DeliveryError):
+                return chosen
+            send = chosen
+        elif base64_size(len(mime)) > GRAPH_MAX_REQUEST_BYTES:
+            if config.delivery.large_messages != "upload" or not isinstance(
+                self._graph, LargeGraphSender
+            ):
+                return PermanentDeliveryError(
+                    "message too large for one Graph request (large_messages: reject)",
+                    reply=SmtpReply(
+                        552,
+                        "5.3.4",
+                        "Message too large for Microsoft 365: at most 4 MB per request after "
+                        "base64, and this relay does not send larger messages in parts",
+                    ),
+                    code="MessageTooLarge",
+                    remedy="set delivery.large_messages: upload (needs Mail.ReadWrite), or the "
+                    "sender must send the message smaller",
+                )
+            send = self._graph.send_large_mime
+        auth = config.auth_objects[meta.auth_object]
         started = self._monotonic()
         try:
             async with self.slots.hold(meta.auth_object, meta.mailbox):
                 requested = self._monotonic()  # the latency metric leaves out the slot wait
                 try:
-                    result = await self._graph.send_mime(
+                    result = await send(
                         auth,
                         meta.auth_object,
                         meta.mailbox,
@@ -250,6 +334,58 @@ class GraphAttempts:
             request_id=result.request_id,
             duration_ms=round((self._monotonic() - started) * 1000),
         )
+
+    def _json_send(self, meta: EntryMeta, mime: bytes, route: RouteConfig) -> _Send | DeliveryError:
+        """The message as Graph JSON, converted once per attempt; a message that cannot be
+        converted unchanged, or too large for one request, is refused (554 5.6.0 / 552 5.3.4)."""
+        graph = self._graph
+        if not isinstance(graph, JsonGraphSender):
+            return TransientDeliveryError(
+                "the Graph client cannot send JSON", alert=True, remedy="report this as a bug"
+            )
+        try:
+            message = to_graph_message(
+                mime,
+                envelope_recipients=meta.recipients,
+                mailbox=meta.mailbox,
+                rewrite_from=route.rewrite_from,
+            )
+        except (CannotConvertError, GraphJsonTooLargeError) as exc:
+            too_large = isinstance(exc, GraphJsonTooLargeError)
+            return PermanentDeliveryError(
+                f"cannot send as Graph JSON: {exc}",
+                reply=exc.reply,
+                code="MessageTooLarge" if too_large else "CannotConvert",
+                remedy="the route needs Graph's JSON form (rewrite_from or save_to_sent_items: "
+                "false); route this sender through a route without them to send the MIME as is",
+            )
+        if message.dropped_headers:
+            log.info(
+                "json form of %s drops headers beyond Graph's 5 x- headers: %s",
+                meta.queue_id,
+                ", ".join(message.dropped_headers),
+                extra={"event": "json_headers_dropped", **message_fields(meta)},
+            )
+        document = message.as_json()
+
+        async def send(
+            auth: AuthObjectConfig,
+            auth_name: str,
+            mailbox: str,
+            _: bytes,
+            *,
+            client_request_id: str,
+        ) -> SendOutcome:
+            return await graph.send_json(
+                auth,
+                auth_name,
+                mailbox,
+                document,
+                route.save_to_sent_items,
+                client_request_id=client_request_id,
+            )
+
+        return send
 
     def log_delivered(self, meta: EntryMeta, outcome: Delivered) -> None:
         """The `delivered` event: log line and metrics."""

@@ -620,23 +620,6 @@ class RouteConfig(_Model):
             )
         return value
 
-    @field_validator("rewrite_from")
-    @classmethod
-    def _rewrite_not_yet(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("rewrite_from is not available in this release; set it to false")
-        return value
-
-    @field_validator("save_to_sent_items")
-    @classmethod
-    def _sent_items_not_yet(cls, value: bool) -> bool:
-        if not value:
-            raise ValueError(
-                "save_to_sent_items: false needs the JSON send path, which is not available "
-                "in this release; set it to true"
-            )
-        return value
-
 
 class RetryConfig(_Model):
     """Backoff for queued messages: `first`, doubling up to `max`; dead after `lifetime`."""
@@ -660,7 +643,9 @@ class DeliveryConfig(_Model):
     spool_dir: Path = Path("/var/lib/smtp-graph-relay")
     retry: RetryConfig = Field(default_factory=RetryConfig)
     bounces: bool = True
-    large_messages: Literal["upload", "reject"] = "reject"
+    # upload: past Graph's 4 MB request limit, send a draft + upload sessions (Mail.ReadWrite);
+    # reject: advertise (and accept) only what fits one sendMail request.
+    large_messages: Literal["upload", "reject"] = "upload"
     # Queued messages in delivery at once (each mailbox still gets at most 4).
     concurrency: int = Field(default=16, ge=1, le=256)
 
@@ -671,16 +656,6 @@ class DeliveryConfig(_Model):
             base_dir: Path = context.get("base_dir", Path.cwd())
             object.__setattr__(self, "spool_dir", base_dir / self.spool_dir)
         return self
-
-    @field_validator("large_messages")
-    @classmethod
-    def _upload_not_yet(cls, value: str) -> str:
-        if value != "reject":
-            raise ValueError(
-                "large_messages: upload is not available in this release; use reject "
-                "(messages must fit one 4 MB Graph request)"
-            )
-        return value
 
 
 class AdminConfig(_Model):

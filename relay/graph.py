@@ -1,4 +1,5 @@
-"""The Microsoft Graph client: send a message as MIME with `POST /users/{mailbox}/sendMail`.
+"""The Microsoft Graph client: send a message as MIME with `POST /users/{mailbox}/sendMail`,
+or, past Graph's 4 MB request limit, as a draft plus upload sessions (`relay.large`).
 
 Why this module exists: it is the relay's only HTTP conversation with Graph, and the place where
 Graph's answers (and the network's failures) become the relay's own decisions, once:
@@ -6,7 +7,7 @@ Graph's answers (and the network's failures) become the relay's own decisions, o
 - `error_from_response(status, headers, body)` is the pure mapping of DESIGN §5's table from an
   HTTP answer to `TransientDeliveryError` / `PermanentDeliveryError`, carrying the HTTP status,
   Graph's error code and message, the `request-id` and a remedy for the log;
-- aiohttp and TLS exceptions are converted at the one place they can occur (`_post`), so nobody
+- aiohttp and TLS exceptions are converted at the one place they can occur (`_request`), so nobody
   above this module ever sees an aiohttp exception.
 
 Graph facts this module relies on (microsoftgraph/microsoft-graph-docs-contrib):
@@ -18,10 +19,13 @@ Graph facts this module relies on (microsoftgraph/microsoft-graph-docs-contrib):
   "date"}}}`, inner errors may nest and carry more specific codes (spelled `innerError` in the
   example, `innererror` in the schema; both are read).
 - concepts/throttling.md: 429 carries `Retry-After`; waiting that long is the fastest recovery.
+- concepts/outlook-large-attachments.md: the `uploadUrl` of an upload session is pre-authenticated;
+  "Do not specify an Authorization request header" on its PUTs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
 import io
@@ -47,6 +51,7 @@ from relay.errors import (
     SmtpReply,
     TransientDeliveryError,
 )
+from relay.large import send_large
 from relay.transport import proxy_for, ssl_context_for
 
 __all__ = [
@@ -94,6 +99,11 @@ _REMEDY_ACCESS = (
     "grant the Mail.Send application permission with admin consent (App registrations > API "
     "permissions), and check Exchange application access policies / RBAC for Applications that "
     "scope the app to certain mailboxes"
+)
+_REMEDY_READ_WRITE = (
+    "messages over Graph's 4 MB request limit are sent as a draft plus upload sessions, which "
+    "needs the Mail.ReadWrite application permission with admin consent: grant Mail.ReadWrite "
+    "or set delivery.large_messages: reject"
 )
 _REMEDY_NO_MAILBOX = "the mailbox does not exist in this tenant; check the route's mailbox"
 _REMEDY_NO_REST = (
@@ -215,8 +225,13 @@ def error_from_response(
     body: bytes,
     *,
     clock: Callable[[], datetime] = _utcnow,
+    drafts: bool = False,
 ) -> DeliveryError:
-    """Map one non-202 Graph answer to the relay's error (DESIGN §5). Pure; no I/O."""
+    """Map one non-202 Graph answer to the relay's error (DESIGN §5). Pure; no I/O.
+
+    `drafts`: the request was a step of the large-message path that needs Mail.ReadWrite
+    (create the draft, create an upload session), so a plain 403 names that permission.
+    """
     lowered = {k.lower(): v for k, v in headers.items()}
     parsed = parse_graph_error(body)
     request_id = lowered.get("request-id") or parsed.request_id
@@ -251,6 +266,12 @@ def error_from_response(
     if status == 403:
         if "ErrorSendAsDenied" in codes:
             return permanent(550, "5.7.1", "Mailbox may not send as this sender", _REMEDY_SEND_AS)
+        if drafts:
+            what = (
+                "Message needs Mail.ReadWrite to be sent in parts: grant Mail.ReadWrite or set "
+                "large_messages: reject"
+            )
+            return permanent(550, "5.7.1", what, _REMEDY_READ_WRITE)
         return permanent(550, "5.7.1", "Microsoft 365 denied access to the mailbox", _REMEDY_ACCESS)
     if status == 404:
         if "MailboxNotEnabledForRESTAPI" in codes:
@@ -314,6 +335,9 @@ class GraphClient:
         self._monotonic = monotonic
         self._session: aiohttp.ClientSession | None = None
         self._contexts: dict[Path | None, ssl.SSLContext] = {}
+        # Pause before re-sending a failed upload chunk (tests shorten it).
+        self.chunk_retry_delay = 1.0
+        self._background: set[asyncio.Task[None]] = set()  # drafts deleted after a cancellation
 
     def reconfigure(self, tokens: TokenSource) -> None:
         """After a config reload: use new token source; rebuild TLS trust from ca_files.
@@ -350,62 +374,188 @@ class GraphClient:
 
         A 401 is retried once with a fresh token (the refused one passed as `stale`).
         """
-        url = URL(f"{auth.graph_base_url}/users/{quote(mailbox, safe='@')}/sendMail", encoded=True)
-        body = base64.b64encode(mime)  # standard alphabet, no line breaks
-        context = self._context(auth, auth_name)
-        send = _Exchange(auth_name, mailbox, client_request_id)
         started = self._monotonic()
+        headers, _ = await self.graph_request(
+            auth,
+            auth_name,
+            "POST",
+            f"/users/{quote(mailbox, safe='@')}/sendMail",
+            body=base64.b64encode(mime),  # standard alphabet, no line breaks
+            expect=202,
+            step="sendMail",
+            client_request_id=client_request_id,
+            mailbox=mailbox,
+        )
+        return SendResult(
+            status=202, request_id=headers.get("request-id"), duration=self._monotonic() - started
+        )
+
+    async def send_large_mime(
+        self,
+        auth: AuthObjectConfig,
+        auth_name: str,
+        mailbox: str,
+        mime: bytes,
+        *,
+        client_request_id: str,
+    ) -> SendResult:
+        """Send a message over the 4 MB request limit: draft, upload sessions, send (relay.large).
+
+        Needs Mail.ReadWrite besides Mail.Send. Raises a DeliveryError like `send_mime`.
+        """
+        started = self._monotonic()
+        request_id = await send_large(
+            self,
+            auth,
+            auth_name,
+            mailbox,
+            mime,
+            client_request_id=client_request_id,
+            background=self._background,
+            retry_delay=self.chunk_retry_delay,
+        )
+        return SendResult(status=202, request_id=request_id, duration=self._monotonic() - started)
+
+    async def send_json(
+        self,
+        auth: AuthObjectConfig,
+        auth_name: str,
+        mailbox: str,
+        message_json: Mapping[str, Any],
+        save_to_sent_items: bool,
+        *,
+        client_request_id: str,
+    ) -> SendResult:
+        """Send Graph's `message` resource as JSON (user-sendmail.md, application/json).
+
+        `saveToSentItems` is written only when false, as the documentation asks. Answers map to
+        errors exactly as for `send_mime`.
+        """
+        document: dict[str, Any] = {"message": dict(message_json)}
+        if not save_to_sent_items:
+            document["saveToSentItems"] = False
+        started = self._monotonic()
+        headers, _ = await self.graph_request(
+            auth,
+            auth_name,
+            "POST",
+            f"/users/{quote(mailbox, safe='@')}/sendMail",
+            body=json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+            expect=202,
+            step="sendMail",
+            client_request_id=client_request_id,
+            mailbox=mailbox,
+            content_type="application/json",
+        )
+        return SendResult(
+            status=202, request_id=headers.get("request-id"), duration=self._monotonic() - started
+        )
+
+    async def graph_request(
+        self,
+        auth: AuthObjectConfig,
+        auth_name: str,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None,
+        expect: int,
+        step: str,
+        client_request_id: str,
+        mailbox: str,
+        content_type: str | None = "text/plain",
+    ) -> tuple[Mapping[str, str], bytes]:
+        """One authenticated Graph call to `{graph_base_url}{path}`: the headers and (at most
+        64 KiB of) body of the `expect`ed answer; any other answer raises its DeliveryError.
+
+        A 401 is retried once with a fresh token. `step` names the call in logs; the steps of
+        the large-message path that need Mail.ReadWrite ("draft", "uploadSession") say so on 403.
+        """
+        url = URL(f"{auth.graph_base_url}{path}", encoded=True)
+        context = self._context(auth, auth_name)
+        send = _Exchange(auth_name, mailbox, client_request_id, step)
         token = await self._tokens.get_token(auth_name)
-        status, headers, payload = await self._post(auth, url, body, token, context, send)
-        if status == 401:
+        headers = {"client-request-id": client_request_id}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        answer = await self._request(method, url, body, headers, auth, context, send, token)
+        if answer[0] == 401:
             _LOG.info(
                 "graph answered 401, retrying once with a fresh token auth_object=%s mailbox=%s",
                 auth_name,
                 mailbox,
             )
             token = await self._tokens.get_token(auth_name, stale=token)
-            status, headers, payload = await self._post(auth, url, body, token, context, send)
-        if status == 202:
-            return SendResult(
-                status=202,
-                request_id=headers.get("request-id"),
-                duration=self._monotonic() - started,
-            )
-        error = error_from_response(status, headers, payload, clock=self._clock)
+            answer = await self._request(method, url, body, headers, auth, context, send, token)
+        status, answer_headers, payload = answer
+        if status == expect:
+            return answer_headers, payload
+        error = self.map_error(status, answer_headers, payload, step=step)
         send.log(error)
         raise error
 
-    async def _post(
+    async def upload_chunk(
         self,
         auth: AuthObjectConfig,
+        auth_name: str,
+        upload_url: str,
+        chunk: bytes,
+        *,
+        start: int,
+        total: int,
+        client_request_id: str,
+        mailbox: str,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """PUT one byte range to an upload session's pre-authenticated URL, without the
+        Authorization header (outlook-large-attachments.md). Returns the raw answer; only
+        network failures raise (TransientDeliveryError)."""
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Range": f"bytes {start}-{start + len(chunk) - 1}/{total}",
+            "client-request-id": client_request_id,
+        }
+        send = _Exchange(auth_name, mailbox, client_request_id, "upload")
+        context = self._context(auth, auth_name)
+        url = URL(upload_url, encoded=True)
+        return await self._request("PUT", url, chunk, headers, auth, context, send, None)
+
+    def map_error(
+        self, status: int, headers: Mapping[str, str], payload: bytes, *, step: str
+    ) -> DeliveryError:
+        """`error_from_response` with this client's clock, for the steps of relay.large."""
+        drafts = step in ("draft", "uploadSession")
+        return error_from_response(status, headers, payload, clock=self._clock, drafts=drafts)
+
+    async def _request(
+        self,
+        method: str,
         url: URL,
-        body: bytes,
-        token: str,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        auth: AuthObjectConfig,
         context: ssl.SSLContext,
         send: _Exchange,
+        token: str | None,
     ) -> tuple[int, Mapping[str, str], bytes]:
         """One HTTP exchange; every aiohttp/ssl exception is converted here, and only here."""
         await self.start()
         assert self._session is not None
-        headers = {
-            "Authorization": f"Bearer {token}",
-            "Content-Type": "text/plain",
-            "client-request-id": send.client_request_id,
-        }
+        sent = dict(headers)
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
         try:
-            async with self._session.post(
+            async with self._session.request(
+                method,
                 url,
                 # A file-like body is streamed in chunks; raw bytes over 1 MiB would make aiohttp
                 # warn that the loop may block. A fresh stream per attempt (the 401 retry).
-                data=io.BytesIO(body),
-                headers=headers,
+                data=io.BytesIO(body) if body is not None else None,
+                headers=sent,
                 ssl=context,
                 proxy=proxy_for(str(url), auth.proxy),
                 allow_redirects=False,
             ) as response:
-                payload = b""
-                if response.status != 202:
-                    payload = await response.content.read(_ERROR_BODY_LIMIT)
+                payload = await response.content.read(_ERROR_BODY_LIMIT)
                 return response.status, response.headers, payload
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             error = error_from_network(exc, timeout=self._timeout.total or 0.0)
@@ -432,17 +582,19 @@ class GraphClient:
 
 @dataclass(frozen=True, slots=True)
 class _Exchange:
-    """Who a sendMail call was for, for the log lines about it."""
+    """Who a Graph call was for and which step it was, for the log lines about it."""
 
     auth_name: str
     mailbox: str
     client_request_id: str
+    step: str = "sendMail"
 
     def log(self, error: DeliveryError) -> None:
         quiet = isinstance(error, TransientDeliveryError) and not error.alert
         _LOG.log(
             logging.WARNING if quiet else logging.ERROR,
-            "graph sendMail failed auth_object=%s mailbox=%s client_request_id=%s %s",
+            "graph %s failed auth_object=%s mailbox=%s client_request_id=%s %s",
+            self.step,
             self.auth_name,
             self.mailbox,
             self.client_request_id,

@@ -43,13 +43,22 @@ from email.utils import format_datetime
 from relay.mime import UnparseableMessageError
 from relay.mime.addresses import AddressItem, canonical_address, parse_address_list, parse_addresses
 from relay.mime.dsn import BounceRequest, FailedRecipient, build_dsn, is_bounce
+from relay.mime.graph_json import (
+    CannotConvertError,
+    GraphJsonTooLargeError,
+    GraphMessage,
+    to_graph_message,
+)
 from relay.mime.headers import Field, decode_header_text, fold_field, simple_field, split_message
 
 __all__ = [
     "AddressItem",
     "BounceRequest",
+    "CannotConvertError",
     "Envelope",
     "FailedRecipient",
+    "GraphJsonTooLargeError",
+    "GraphMessage",
     "PreparedMessage",
     "TraceInfo",
     "UnparseableMessageError",
@@ -59,6 +68,7 @@ __all__ = [
     "parse_address_list",
     "prepare_for_graph",
     "reconcile_recipients",
+    "to_graph_message",
     "trace_protocol",
 ]
 
@@ -271,7 +281,8 @@ def _existing(fields: list[Field], key: str) -> tuple[list[Field], Field | None]
     that the field the caller adds is the only one (RFC 5322 §3.6 allows one Date, one Message-ID).
     """
     for field in fields:
-        if field.key == key and field.value.strip(b" \t\r\n"):
+        # str.split() also drops Unicode whitespace such as \x1c: a value of only that is empty
+        if field.key == key and field.value.decode("utf-8", "replace").split():
             return fields, field
     return [f for f in fields if f.key != key], None
 

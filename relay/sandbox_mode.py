@@ -62,7 +62,7 @@ def write_sandbox_config(sandbox: Sandbox, state_dir: Path, smtp_port: int) -> P
     """Register a tenant and app in the sandbox and write a config that uses them."""
     tenant_id, client_id, secret = str(uuid.uuid4()), str(uuid.uuid4()), uuid.uuid4().hex
     sandbox.add_tenant(tenant_id)
-    sandbox.add_app(tenant_id, client_id, secret=secret)
+    sandbox.add_app(tenant_id, client_id, secret=secret, roles=("Mail.Send", "Mail.ReadWrite"))
     secret_file = state_dir / "client-secret"
     secret_file.touch(mode=0o600)
     secret_file.write_text(secret)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.admin import AdminServer, HealthSources
-from relay.attempts import single_request_limit
+from relay.attempts import size_limit
 from relay.config import Config, ListenerConfig, load_config
 from relay.delivery import DeliveryEngine
 from relay.errors import ConfigError
@@ -115,8 +115,9 @@ class RelayService:
 
     @property
     def max_message_size(self) -> int:
-        """What EHLO advertises as SIZE: the configured limit, capped by one Graph request."""
-        return min(self._config.smtp.max_message_size, single_request_limit())
+        """What EHLO advertises as SIZE: the configured limit, capped by what Graph can take
+        (one request with `large_messages: reject`, 150 MB attachments with `upload`)."""
+        return size_limit(self._config)
 
     async def start(self) -> None:
         """Recover the spool, start the workers, then bind the listeners."""

@@ -4,7 +4,8 @@
 # test suite and by `smtp-graph-relay sandbox`. One module per concern: pki (certificates),
 # jose (JWS), directory (tenants/apps/mailboxes), access_tokens, entra (discovery + token
 # endpoint), messages (pure sendMail body checks), graph (sendMail handler), faults, recorder
-# (journal + mail folder), backend (the state Entra and Graph share), server (the Sandbox that
+# (journal + mail folder), drafts (drafts and upload sessions for large
+# messages), backend (the state Entra and Graph share), server (the Sandbox that
 # composes them).
 """Local stand-in for Microsoft Entra ID and Microsoft Graph sendMail.
 
@@ -17,7 +18,7 @@ async with Sandbox(state_dir=tmp_path) as sandbox:
 
 from .faults import ABORT, FaultPlan, GraphFault
 from .graph import MAILBOX_CONCURRENCY, MAX_REQUEST_BYTES
-from .recorder import ReceivedMail
+from .recorder import ReceivedMail, UploadedAttachment
 from .server import Sandbox
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "GraphFault",
     "ReceivedMail",
     "Sandbox",
+    "UploadedAttachment",
 ]

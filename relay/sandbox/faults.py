@@ -46,6 +46,8 @@ class FaultPlan:
         self._token_down = False
         self._released = asyncio.Event()
         self._released.set()
+        self._upload_puts = 0  # upload-session PUTs seen so far
+        self._upload_faults: dict[int, tuple[int, str | None]] = {}  # PUT number -> answer
 
     def fail_graph(
         self,
@@ -71,6 +73,17 @@ class FaultPlan:
             mailbox=mailbox.lower() if mailbox else None,
         )
         self._graph.append(_Queued(fault, times))
+
+    def fail_upload_chunk(
+        self, n: int = 1, status: int = 503, *, retry_after: str | None = None
+    ) -> None:
+        """The `n`-th upload-session PUT from now (1 = the next) answers `status` without
+        storing its bytes, as a failing front end would; the session stays usable."""
+        if n < 1:
+            raise ValueError("n counts from 1")
+        if not 400 <= status <= 599:
+            raise ValueError(f"not an HTTP error status: {status}")
+        self._upload_faults[self._upload_puts + n] = (status, retry_after)
 
     def graph_latency(self, seconds: float) -> None:
         """Every accepted sendMail waits this long (asyncio sleep) before answering."""
@@ -101,6 +114,7 @@ class FaultPlan:
     def clear(self) -> None:
         """Forget every queued failure, the latency, the hold and the outage."""
         self._graph.clear()
+        self._upload_faults.clear()
         self._token_failures.clear()
         self._latency = 0.0
         self._token_down = False
@@ -129,6 +143,11 @@ class FaultPlan:
                     del self._graph[index]
                 return queued.fault
         return None
+
+    def take_upload_fault(self) -> tuple[int, str | None] | None:
+        """Count one upload PUT; the (status, Retry-After) scripted for it, if any."""
+        self._upload_puts += 1
+        return self._upload_faults.pop(self._upload_puts, None)
 
     def take_token_fault(self) -> int | None:
         """Consume the next scripted token-endpoint failure status, if any."""

@@ -19,7 +19,7 @@ from .faults import ABORT, GraphFault
 from .messages import GraphError, Submission, parse_json_submission, parse_mime_submission
 from .recorder import MailDir, ReceivedMail
 
-__all__ = ["MAILBOX_CONCURRENCY", "MAX_REQUEST_BYTES", "GraphService"]
+__all__ = ["MAILBOX_CONCURRENCY", "MAX_REQUEST_BYTES", "GraphService", "read_limited"]
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # Graph's per-request body limit
 MAILBOX_CONCURRENCY = 4  # concurrent requests per app and mailbox (throttling-limits.md)
@@ -54,7 +54,7 @@ class GraphService:
     async def send_mail_me(self, request: web.Request) -> web.StreamResponse:
         self._backend.journal.graph_requests += 1
         try:
-            await _read_limited(request)
+            await read_limited(request)
             self._authenticate(request)
             raise GraphError(
                 400, "BadRequest", "/me request is only valid with delegated authentication flow."
@@ -65,7 +65,7 @@ class GraphService:
     async def send_mail(self, request: web.Request) -> web.StreamResponse:
         self._backend.journal.graph_requests += 1
         try:
-            body = await _read_limited(request)
+            body = await read_limited(request)
             claims = self._authenticate(request)
             mailbox = self._mailbox(request.match_info["user"])
             slot = (claims.tenant_id, claims.client_id, mailbox.address)
@@ -104,7 +104,7 @@ class GraphService:
                 if request.transport is not None:
                     request.transport.abort()
                 return None
-            return self.error_response(request, _fault_error(fault))
+            return self.error_response(request, fault_error(fault))
         try:
             submission = self._parse(request, body, mailbox)
         except GraphError as exc:
@@ -138,7 +138,19 @@ class GraphService:
         await self._backend.journal.notify()
         return response
 
-    def _authenticate(self, request: web.Request) -> TokenClaims:
+    def authenticate(self, request: web.Request, role: str = "Mail.Send") -> TokenClaims:
+        """The valid bearer token's claims, if its app holds the application `role`."""
+        return self._authenticate(request, role)
+
+    def mailbox(self, user: str) -> Mailbox:
+        return self._mailbox(user)
+
+    async def answer(
+        self, request: web.Request, response: web.StreamResponse | None
+    ) -> web.StreamResponse:
+        return await self._answer(request, response)
+
+    def _authenticate(self, request: web.Request, role: str = "Mail.Send") -> TokenClaims:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise GraphError(401, "InvalidAuthenticationToken", "Access token is empty.")
@@ -146,7 +158,7 @@ class GraphService:
             claims = self._backend.tokens.validate(token.strip(), self._backend.resources())
         except InvalidTokenError as exc:
             raise GraphError(401, "InvalidAuthenticationToken", str(exc)) from exc
-        if "Mail.Send" not in claims.roles:
+        if role not in claims.roles:
             raise GraphError(
                 403, "ErrorAccessDenied", "Access is denied. Check credentials and try again."
             )
@@ -198,7 +210,7 @@ class GraphService:
         return web.json_response(payload, status=exc.status, headers=headers)
 
 
-def _fault_error(fault: GraphFault) -> GraphError:
+def fault_error(fault: GraphFault) -> GraphError:
     default_code, default_message = _DEFAULT_CODES.get(
         fault.status, ("UnknownError", "An error was injected by the sandbox.")
     )
@@ -210,7 +222,7 @@ def _fault_error(fault: GraphFault) -> GraphError:
     )
 
 
-async def _read_limited(request: web.Request) -> bytes:
+async def read_limited(request: web.Request) -> bytes:
     """The request body, or 413 once it passes MAX_REQUEST_BYTES. An oversized body is still
     drained so the client sees the answer instead of a reset while it is sending."""
     chunks: list[bytes] = []

@@ -13,14 +13,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import Message
-from email.parser import BytesParser
+from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses
 from typing import Any, Literal
 
 from .directory import Mailbox, is_valid_address
 
-__all__ = ["GraphError", "Submission", "parse_json_submission", "parse_mime_submission"]
+__all__ = [
+    "GraphError",
+    "Submission",
+    "check_mime",
+    "decode_mime_body",
+    "parse_json_submission",
+    "parse_mime_submission",
+]
 
 MAX_INTERNET_HEADERS = 5
 JSON_UNREADABLE = (
@@ -60,17 +67,27 @@ class Submission:
     subject: str
 
 
-def parse_mime_submission(body: bytes, mailbox: Mailbox) -> Submission:
-    """Validate a `Content-Type: text/plain` body: base64 of an RFC 5322 message."""
+def decode_mime_body(body: bytes) -> bytes:
+    """The MIME of a `Content-Type: text/plain` body (base64 of an RFC 5322 message)."""
     try:
         mime = base64.b64decode(b"".join(body.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise GraphError(
             400, "ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content."
         ) from exc
-    message = BytesParser(policy=compat32).parsebytes(mime)
-    if not mime.strip() or not message.keys():
+    if not mime.strip() or not BytesHeaderParser(policy=compat32).parsebytes(mime).keys():
         raise GraphError(400, "ErrorMimeContentInvalid", "The MIME content is invalid.")
+    return mime
+
+
+def parse_mime_submission(body: bytes, mailbox: Mailbox) -> Submission:
+    """Validate a `Content-Type: text/plain` body: base64 of an RFC 5322 message."""
+    return check_mime(decode_mime_body(body), mailbox)
+
+
+def check_mime(mime: bytes, mailbox: Mailbox) -> Submission:
+    """What sending `mime` from `mailbox` needs: recipients, and the right to send as From."""
+    message = BytesHeaderParser(policy=compat32).parsebytes(mime)
     recipients = _check_recipients(_addresses(message, "To", "Cc", "Bcc"))
     senders = _addresses(message, "From")
     sender = senders[0].lower() if senders else mailbox.address

@@ -18,7 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Journal", "MailDir", "ReceivedMail"]
+__all__ = ["Journal", "MailDir", "ReceivedMail", "UploadedAttachment"]
+
+
+@dataclass(frozen=True, slots=True)
+class UploadedAttachment:
+    """A file attached to a draft through an upload session; `sha256` of its bytes (hex)."""
+
+    name: str
+    content_type: str
+    content_id: str | None
+    is_inline: bool
+    size: int
+    sha256: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +52,8 @@ class ReceivedMail:
     save_to_sent_items: bool
     received_at: float
     subject: str = ""
+    # Sent as a draft: the attachments that came through upload sessions (also in `mime`).
+    attachments: tuple[UploadedAttachment, ...] = ()
 
 
 class Journal:
@@ -51,6 +65,8 @@ class Journal:
         self.tokens_issued = 0
         self.graph_requests = 0
         self.graph_statuses: Counter[int] = Counter()
+        self.upload_requests = 0
+        self.upload_statuses: Counter[int] = Counter()
         self.in_flight: dict[str, int] = {}
         self.max_concurrency: dict[str, int] = {}
         self._changed = asyncio.Condition()

@@ -22,6 +22,7 @@ from aiohttp import web
 from .access_tokens import GRAPH_APP_ID, GRAPH_RESOURCE, AccessTokens
 from .backend import Backend
 from .directory import Directory
+from .drafts import DraftService
 from .entra import EntraService
 from .faults import FaultPlan
 from .graph import GraphService
@@ -35,7 +36,8 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Sandbox:
-    """Entra ID (OpenID discovery + v2.0 token endpoint) and Graph sendMail over TLS.
+    """Entra ID (OpenID discovery + v2.0 token endpoint) and Graph sendMail over TLS, plus the
+    large-message endpoints: drafts from MIME, upload sessions, send (Mail.ReadWrite).
 
     Use as `async with Sandbox(state_dir=tmp) as sandbox:`; give MSAL
     `authority=f"{sandbox.authority_host}/{tenant}"` with `instance_discovery=False`, point the
@@ -68,6 +70,7 @@ class Sandbox:
         )
         self._entra = EntraService(backend)
         self._graph = GraphService(backend, self._mail_dir)
+        self._drafts = DraftService(backend, self._graph, self._mail_dir)
         self._runner: web.AppRunner | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -85,6 +88,7 @@ class Sandbox:
         app = web.Application(middlewares=[self._middleware])
         app.add_routes(self._entra.routes())
         app.add_routes(self._graph.routes())
+        app.add_routes(self._drafts.routes())
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -220,6 +224,20 @@ class Sandbox:
     @property
     def max_concurrency(self) -> dict[str, int]:
         return self._journal.max_concurrency
+
+    @property
+    def drafts(self) -> int:
+        """Drafts that exist (created and neither sent nor deleted)."""
+        return len(self._drafts.drafts)
+
+    @property
+    def upload_statuses(self) -> Counter[int]:
+        """How many upload-session PUTs got each status."""
+        return self._journal.upload_statuses
+
+    def expire_upload_sessions(self) -> None:
+        """Every open upload session ends: further PUTs to it answer 404."""
+        self._drafts.expire_sessions()
 
     # ASYNC109: `timeout` is part of the public contract; see Journal.wait_until.
     async def wait_for_mail(self, count: int, timeout: float = 10) -> list[ReceivedMail]:  # noqa: ASYNC109
