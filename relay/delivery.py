@@ -170,7 +170,8 @@ class DeliveryEngine:
         inline = mode == "hybrid" and not self.attempts.slots.busy(meta.auth_object, meta.mailbox)
         claimed = inline
         try:
-            await asyncio.to_thread(
+            assert self.runner is not None
+            await self.runner.spool_io(
                 self.spool.store, meta, submission.message.mime, claimed=claimed
             )
         except SpoolUnavailableError as exc:
@@ -214,6 +215,14 @@ class DeliveryEngine:
         return inline.verdict.result()
 
     async def _inline_attempt(self, meta: EntryMeta, mime: bytes, inline: _Inline) -> None:
+        assert self.runner is not None
+        try:
+            await self._inline_attempt_once(meta, mime, inline)
+        finally:
+            # Its Graph slot is free again: queued mail for this mailbox may go now.
+            self.runner.wake()
+
+    async def _inline_attempt_once(self, meta: EntryMeta, mime: bytes, inline: _Inline) -> None:
         assert self.runner is not None
         try:
             outcome = await self.attempts.send(meta, mime)

@@ -153,6 +153,10 @@ class TokenStatus:
     remedy: str = ""  # the setup step that fixes the last failure
 
 
+# MSAL treats a cached token with less than 5 minutes left as expired (application.py).
+REFRESH_MARGIN = 300.0
+
+
 @dataclass(slots=True)
 class _State:
     auth: AuthObjectConfig
@@ -210,9 +214,23 @@ class TokenProvider:
         and a fresh token is fetched. Raises TransientDeliveryError (451 4.7.0) on any failure.
         """
         state = self._state(name)
+        if stale is None and self._fresh(state):
+            # The common case: no lock, no thread hop into MSAL's cache for every message.
+            assert state.current is not None
+            return state.current
         async with state.lock:
             result = await self._in_thread(partial(self._acquire, name, state, stale, False))
             return self._token_from(name, state, result)
+
+    def _fresh(self, state: _State) -> bool:
+        """The held token has more left than MSAL's own refresh margin (5 minutes)."""
+        expires_at = state.status.expires_at
+        return (
+            state.current is not None
+            and state.status.last_ok is True
+            and expires_at is not None
+            and expires_at - self._clock() > REFRESH_MARGIN
+        )
 
     async def check(self, name: str) -> TokenCheck:
         """Fetch a fresh token from the identity provider and report what it grants."""
