@@ -56,6 +56,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         from relay.sandbox_mode import run_sandbox_command
 
         return run_sandbox_command(port=args.port, mail_dir=args.mail_dir, out=stdout)
+    if args.command == "hash-password":
+        from relay.auth import hash_password_command
+
+        return hash_password_command(use_stdin=args.stdin, out=stdout)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -115,6 +119,18 @@ def _parser() -> argparse.ArgumentParser:
         default=Path("sandbox-mail"),
         help="where the messages Graph received are written (default ./sandbox-mail)",
     )
+    hashing = commands.add_parser(
+        "hash-password",
+        help="print an argon2id hash of a password for clients[].password_hash",
+        description="Read a password (twice, without echo; or one line from standard input) "
+        "and print only its argon2id hash, for clients[].password_hash.",
+    )
+    hashing.add_argument(
+        "--stdin",
+        action="store_true",
+        help="read the password, one line, from standard input (no prompt); "
+        "implied when standard input is not a terminal",
+    )
     return parser
 
 
@@ -134,11 +150,18 @@ def print_routing_table(config: Config, source: Path, out: TextIO) -> None:
         f"{smtp.max_recipients}, max connections {smtp.max_connections} "
         f"({smtp.max_connections_per_client} per client)\n"
     )
-    w("\nClients (first match on the connecting address wins; no match: 550 5.7.1)\n")
+    w(
+        "\nClients (by AUTH username, else first match on the connecting address; "
+        "no match: 550 5.7.1)\n"
+    )
     for client in config.clients:
         networks = ", ".join(str(n) for n in client.networks)
         recipients = ", ".join(client.recipients) if client.recipients is not None else "any"
-        w(f"  {client.name}: from {networks}\n")
+        if client.username is None:
+            w(f"  {client.name}: from {networks}\n")
+        else:
+            where = f"from {networks}" if networks else "from any address"
+            w(f"  {client.name}: AUTH as {client.username}, {where}\n")
         w(f"      may send as {', '.join(client.senders)}; to {recipients}\n")
     w("\nAuth objects\n")
     for name, auth in config.auth_objects.items():

@@ -18,6 +18,7 @@ Everything that crosses into the rest of the program is a frozen model or datacl
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -202,15 +203,17 @@ class ListenerConfig(_Model):
             ) from None
         return value
 
-    @field_validator("auth")
-    @classmethod
-    def _auth_not_yet(cls, value: str) -> str:
-        if value != "none":
+    @model_validator(mode="after")
+    def _auth_needs_tls(self) -> ListenerConfig:
+        # AUTH PLAIN and LOGIN carry the password itself (RFC 4954 §4: mechanisms without
+        # their own protection need TLS), so a listener that offers AUTH must offer TLS.
+        if self.auth != "none" and self.tls == "none":
             raise ValueError(
-                "SMTP AUTH is not available in this release; set auth: none and "
-                "identify clients by their networks"
+                f"auth: {self.auth} on {self.address}:{self.port} needs TLS on this listener, "
+                "because AUTH PLAIN and LOGIN send the password itself; set tls: starttls "
+                "(e.g. port 587) or tls: implicit (e.g. port 465), or auth: none"
             )
-        return value
+        return self
 
 
 class TlsFilesConfig(_Model):
@@ -255,7 +258,16 @@ class SmtpConfig(_Model):
     max_recipients: int = Field(default=500, ge=1)
     max_connections: int = Field(default=200, ge=1)
     max_connections_per_client: int = Field(default=20, ge=1)
+    # Protocol limits (DESIGN §8), each answered with its own reply: see relay.mime.limits.
+    max_header_size: ByteSize = Field(default=1024 * 1024, gt=0)  # each header block
+    max_mime_depth: int = Field(default=50, ge=1)
+    max_commands: int = Field(default=1000, ge=1)  # per connection, then 421 4.7.0
+    idle_timeout: Duration = Field(default=300.0, gt=0)  # RFC 5321 §4.5.3.2.7: at least 5 min
+    data_timeout: Duration = Field(default=600.0, gt=0)  # whole DATA phase, then 421 4.4.2
+    bare_line_endings: Literal["reject", "normalize"] = "reject"
+    # PROXY v1/v2 header on every listener, believed only from these load balancers.
     proxy_protocol: bool = False
+    proxy_networks: list[Network] = Field(default_factory=list)
 
     @field_validator("hostname")
     @classmethod
@@ -264,12 +276,25 @@ class SmtpConfig(_Model):
             raise ValueError("must be this host's name as clients and Received headers see it")
         return value
 
-    @field_validator("proxy_protocol")
-    @classmethod
-    def _proxy_not_yet(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("the PROXY protocol is not available in this release; set it to false")
-        return value
+    @model_validator(mode="after")
+    def _proxy_networks_when_needed(self) -> SmtpConfig:
+        if self.proxy_protocol and not self.proxy_networks:
+            raise ValueError(
+                "proxy_protocol is true but proxy_networks is empty, so no load balancer could "
+                "connect; list the balancers' addresses (for example [10.0.0.10/32])"
+            )
+        if self.proxy_networks and not self.proxy_protocol:
+            raise ValueError(
+                "proxy_networks has no effect while proxy_protocol is false; set proxy_protocol: "
+                "true or remove proxy_networks"
+            )
+        for i, listener in enumerate(self.listeners):
+            if self.proxy_protocol and listener.tls == "implicit":
+                raise ValueError(
+                    f"listeners[{i}] uses tls: implicit, which cannot follow a PROXY header; use "
+                    "tls: starttls behind the load balancer, or terminate TLS on the balancer"
+                )
+        return self
 
     @model_validator(mode="after")
     def _tls_files_when_needed(self) -> SmtpConfig:
@@ -289,7 +314,12 @@ class SmtpConfig(_Model):
 
 
 class ClientConfig(_Model):
-    """Who may submit mail, recognised by source network, and as which senders."""
+    """Who may submit mail, and as which senders.
+
+    A client is recognised by its source `networks`, by SMTP AUTH (`username` and
+    `password_hash`), or by both, in which case a session must come from one of the networks
+    *and* authenticate. A client with credentials is never matched by network alone.
+    """
 
     name: str = Field(min_length=1)
     networks: list[Network] = Field(default_factory=list)
@@ -298,19 +328,72 @@ class ClientConfig(_Model):
     username: str | None = None
     password_hash: SecretStr | None = None
 
+    @field_validator("username")
+    @classmethod
+    def _username(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not value or len(value) > 128 or any(c.isspace() or not c.isprintable() for c in value)
+        ):
+            raise ValueError(
+                "must be 1 to 128 printable characters without spaces, such as erp or scanner-3"
+            )
+        return value
+
+    @field_validator("password_hash")
+    @classmethod
+    def _argon2id(cls, value: SecretStr | None) -> SecretStr | None:
+        """An argon2id PHC string, or an error that never repeats the value (it may be the
+        password itself, pasted by mistake)."""
+        if value is None:
+            return None
+        text = value.get_secret_value()
+        rerun = "run `smtp-graph-relay hash-password` and paste the line it prints"
+        if text.startswith(("$argon2i$", "$argon2d$")):
+            raise ValueError(f"is an argon2i or argon2d hash; the relay needs argon2id: {rerun}")
+        if not text.startswith("$argon2id$"):
+            raise ValueError(
+                "is not an argon2id hash (it must start with $argon2id$); never put the "
+                f"password itself here: {rerun}"
+            )
+        match = re.fullmatch(
+            r"\$argon2id\$v=19\$m=\d{1,10},t=\d{1,10},p=\d{1,3}\$([A-Za-z0-9+/]{11,})"
+            r"\$([A-Za-z0-9+/]{22,})",
+            text,
+        )
+        if match is None or not all(cls._canonical_b64(part) for part in match.groups()):
+            raise ValueError(f"is a damaged or truncated argon2id hash: {rerun} again")
+        return value
+
+    @staticmethod
+    def _canonical_b64(text: str) -> bool:
+        """PHC strings hold unpadded base64; a cut-off one decodes to different text."""
+        try:
+            data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        except ValueError:  # binascii.Error is a ValueError
+            return False
+        return base64.b64encode(data).decode().rstrip("=") == text
+
     @model_validator(mode="after")
     def _identifiable(self) -> ClientConfig:
-        if self.username is not None or self.password_hash is not None:
+        if self.username is not None and self.password_hash is None:
             raise ValueError(
-                "SMTP AUTH (username/password_hash) is not available in this release; "
-                "identify this client by networks instead"
+                "username needs a password_hash next to it; run `smtp-graph-relay "
+                "hash-password` and paste the printed hash"
             )
-        if not self.networks:
+        if self.password_hash is not None and self.username is None:
+            raise ValueError("password_hash needs the username it belongs to")
+        if not self.networks and self.username is None:
             raise ValueError(
                 "networks is empty, so no connection could ever match this client; "
-                "list the addresses or CIDR ranges it connects from"
+                "list the addresses or CIDR ranges it connects from, or give it a username "
+                "and password_hash"
             )
         return self
+
+    @property
+    def has_credentials(self) -> bool:
+        """True when sessions must authenticate (AUTH) to be this client."""
+        return self.username is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -783,6 +866,46 @@ def _cross_references(config: Config) -> list[ConfigProblem]:
                     f"clients[{i}].name", f"{name!r} is used twice", "names must be unique"
                 )
             )
+    usernames = [client.username for client in config.clients]
+    for i, username in enumerate(usernames):
+        if username is not None and username in usernames[:i]:
+            problems.append(
+                ConfigProblem(
+                    f"clients[{i}].username",
+                    f"{username!r} is used twice",
+                    "usernames must be unique",
+                )
+            )
+    problems.extend(_auth_problems(config))
+    return problems
+
+
+def _auth_problems(config: Config) -> list[ConfigProblem]:
+    """SMTP AUTH settings that could never work: credentials that no listener accepts, or a
+    listener that requires AUTH when no client has credentials."""
+    problems: list[ConfigProblem] = []
+    with_credentials = [i for i, client in enumerate(config.clients) if client.has_credentials]
+    if with_credentials and all(li.auth == "none" for li in config.smtp.listeners):
+        problems.extend(
+            ConfigProblem(
+                f"clients[{i}].username",
+                "no listener offers AUTH, so this client could never log in",
+                "set auth: optional or auth: required on a TLS listener",
+            )
+            for i in with_credentials
+        )
+    if not with_credentials:
+        problems.extend(
+            ConfigProblem(
+                f"smtp.listeners[{i}].auth",
+                "is required, but no client has a username and password_hash, so nobody "
+                "could send here",
+                "give a client credentials (smtp-graph-relay hash-password), or set auth: "
+                "optional or none",
+            )
+            for i, listener in enumerate(config.smtp.listeners)
+            if listener.auth == "required"
+        )
     return problems
 
 

@@ -5,7 +5,8 @@ rule that keeps the relay from being an open relay (DESIGN §8) is testable as a
 
 The SMTP layer calls these at the moment RFC 5321 lets it refuse:
 
-- `identify_client` and `check_envelope_sender` at MAIL FROM,
+- `identify_client` (by network, or by the AUTH username) and `check_envelope_sender` at
+  MAIL FROM,
 - `check_recipient` at RCPT TO,
 - `check_authors` and `choose_route` at the end of DATA (the header From/Sender is only known
   then, and a null reverse-path `<>` is routed by the header From).
@@ -49,26 +50,72 @@ class Route:
         return f"routes[{self.index}]"
 
 
+def _shown(text: str, limit: int = 200) -> str:
+    """An address as it may appear in a reply: one line, printable, bounded (RFC 5321 §4.2)."""
+    cleaned = "".join(c if c.isprintable() else "?" for c in text)
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
+
+
 def matches_any(address: str, patterns: Sequence[str]) -> bool:
     """True when `address` matches one of the glob `patterns` (case-insensitive)."""
     folded = address.casefold()
     return any(fnmatchcase(folded, pattern.casefold()) for pattern in patterns)
 
 
-def identify_client(clients: Sequence[ClientConfig], client_ip: str) -> ClientConfig:
-    """The first client whose networks contain `client_ip`; no match is a relay refusal."""
+def identify_client(
+    clients: Sequence[ClientConfig], client_ip: str, authenticated_user: str | None = None
+) -> ClientConfig:
+    """Which client this session is; no match is a relay refusal (DESIGN §8).
+
+    An authenticated session is the client with that username, and must also come from one of
+    its networks when it lists any. An unauthenticated session is the first client *without*
+    credentials whose networks contain `client_ip`: a client with a username always logs in.
+    """
+    ip = _address(client_ip)
+    if authenticated_user is not None:
+        for client in clients:
+            if client.username == authenticated_user:
+                if client.networks and not _within(ip, client):
+                    raise PolicyError(
+                        SmtpReply(
+                            550,
+                            "5.7.1",
+                            f"Relay access denied: user {_shown(authenticated_user)} may not send "
+                            f"from {_shown(client_ip)}",
+                        )
+                    )
+                return client
+        raise PolicyError(
+            SmtpReply(
+                550,
+                "5.7.1",
+                f"Relay access denied: user {_shown(authenticated_user)} is not an allowed client",
+            )
+        )
+    for client in clients:
+        if not client.has_credentials and _within(ip, client):
+            return client
+    raise PolicyError(
+        SmtpReply(
+            550, "5.7.1", f"Relay access denied: {_shown(client_ip)} is not an allowed client"
+        )
+    )
+
+
+def _address(client_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The peer address; an IPv4-mapped IPv6 address counts as its IPv4 address."""
     try:
         ip = ipaddress.ip_address(client_ip)
     except ValueError:
-        ip = None
-    if ip is not None:
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        for client in clients:
-            if any(ip.version == net.version and ip in net for net in client.networks):
-                return client
-    raise PolicyError(
-        SmtpReply(550, "5.7.1", f"Relay access denied: {client_ip} is not an allowed client")
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _within(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, client: ClientConfig) -> bool:
+    return ip is not None and any(
+        ip.version == net.version and ip in net for net in client.networks
     )
 
 
@@ -76,7 +123,11 @@ def check_envelope_sender(client: ClientConfig, mail_from: str) -> None:
     """MAIL FROM must be one of the client's allowed senders; `<>` is judged at DATA."""
     if mail_from and not matches_any(mail_from, client.senders):
         raise PolicyError(
-            SmtpReply(550, "5.7.1", f"Sender <{mail_from}> is not allowed for client {client.name}")
+            SmtpReply(
+                550,
+                "5.7.1",
+                f"Sender <{_shown(mail_from)}> is not allowed for client {client.name}",
+            )
         )
 
 
@@ -87,7 +138,7 @@ def check_recipient(client: ClientConfig, recipient: str) -> None:
             SmtpReply(
                 550,
                 "5.7.1",
-                f"Recipient <{recipient}> is not allowed for client {client.name}",
+                f"Recipient <{_shown(recipient)}> is not allowed for client {client.name}",
             )
         )
 
@@ -104,7 +155,8 @@ def check_authors(client: ClientConfig, authors: Sequence[str]) -> None:
                 SmtpReply(
                     550,
                     "5.7.1",
-                    f"From/Sender address <{author}> is not allowed for client {client.name}",
+                    f"From/Sender address <{_shown(author)}> is not allowed "
+                    f"for client {client.name}",
                 )
             )
 
@@ -131,5 +183,5 @@ def choose_route(routes: Sequence[RouteConfig], sender: str) -> Route:
             mailbox = sender if route.mailbox == "sender" else route.mailbox
             return Route(index=index, auth_object=route.auth_object, mailbox=mailbox)
     raise PolicyError(
-        SmtpReply(550, "5.7.1", f"No outbound route is configured for sender <{sender}>")
+        SmtpReply(550, "5.7.1", f"No outbound route is configured for sender <{_shown(sender)}>")
     )

@@ -15,19 +15,26 @@ import asyncio
 import logging
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.admin import AdminServer, HealthSources
 from relay.attempts import size_limit
+from relay.auth import MECHANISMS, SmtpAuthenticator
 from relay.config import Config, ListenerConfig, load_config
 from relay.delivery import DeliveryEngine
 from relay.errors import ConfigError
 from relay.graph import GraphClient
 from relay.logs import setup_logging
 from relay.metrics import NULL_METRICS, MetricsSink, RelayMetrics
-from relay.smtp import ConnectionLimiter, RelayHandler, RelaySMTP, server_tls_context
+from relay.smtp import (
+    ConnectionLimiter,
+    RelayHandler,
+    RelaySMTP,
+    SessionLimits,
+    server_tls_context,
+)
 from relay.spool import Spool
 from relay.systemd import SystemdNotifier, run_watchdog
 from relay.tokens import TokenProvider
@@ -58,7 +65,13 @@ class _Running:
 class RelayService:
     """The relay: SMTP listeners + delivery engine + Graph client, started and stopped as one."""
 
-    def __init__(self, config: Config, *, metrics: RelayMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: RelayMetrics | None = None,
+        auth_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._config = config
         self.metrics = metrics
         self._sink: MetricsSink = metrics if metrics is not None else NULL_METRICS
@@ -79,8 +92,16 @@ class RelayService:
             per_client=config.smtp.max_connections_per_client,
             metrics=self._sink,
         )
+        # One authenticator for all listeners: failed-AUTH counts are per client address.
+        # `auth_sleep` is the delay before each 535 (tests pass a recorder).
+        self.authenticator = SmtpAuthenticator(
+            clients=lambda: self._config.clients, sleep=auth_sleep
+        )
         self.handler = RelayHandler(
-            config=self.current_config, submitter=self.delivery, metrics=self._sink
+            config=self.current_config,
+            submitter=self.delivery,
+            metrics=self._sink,
+            authenticator=self.authenticator,
         )
         if metrics is not None and self.spool is not None:
             metrics.track_spool(self.spool.stats)
@@ -195,8 +216,8 @@ class RelayService:
         old = self._config
         notes: list[str] = []
         keep: dict[str, object] = {}
-        if [(li.address, li.port, li.tls) for li in new.smtp.listeners] != [
-            (li.address, li.port, li.tls) for li in old.smtp.listeners
+        if [(li.address, li.port, li.tls, li.auth) for li in new.smtp.listeners] != [
+            (li.address, li.port, li.tls, li.auth) for li in old.smtp.listeners
         ]:
             notes.append("smtp.listeners changed: restart to apply")
         if (new.delivery.mode == "direct") != (old.delivery.mode == "direct") or (
@@ -231,9 +252,13 @@ class RelayService:
         loop = asyncio.get_running_loop()
 
         def factory() -> RelaySMTP:
+            # Read per connection, so a reload (SIGHUP) applies to the next connection.
+            smtp = self._config.smtp
             return RelaySMTP(
                 handler,
                 limiter=self.limiter,
+                limits=SessionLimits.from_config(smtp),
+                proxy_networks=smtp.proxy_networks if smtp.proxy_protocol else None,
                 data_size_limit=self.max_message_size,
                 enable_SMTPUTF8=True,
                 decode_data=False,
@@ -241,8 +266,11 @@ class RelayService:
                 ident="smtp-graph-relay",
                 tls_context=tls if listener.tls == "starttls" else None,
                 require_starttls=False,
-                timeout=SMTP_IDLE_TIMEOUT,
+                timeout=smtp.idle_timeout,
                 auth_require_tls=True,
+                auth_required=listener.auth == "required",  # MAIL before AUTH: 530 5.7.0
+                # auth: none offers no mechanism (and EHLO no AUTH line, see RelayHandler)
+                auth_exclude_mechanism=MECHANISMS if listener.auth == "none" else None,
                 loop=loop,
             )
 

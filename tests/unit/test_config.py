@@ -82,7 +82,7 @@ def test_the_example_config_validates(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "path", "words"),
     [
-        ("smtp: {listners: []}", "smtp.listners", "valid keys here: hostname, listeners"),
+        ("smtp: {listners: []}", "smtp.listners", "hostname, idle_timeout, listeners"),
         (
             "smtp: {listeners: [{port: 2525, tls: sometimes}]}",
             "smtp.listeners[0].tls",
