@@ -45,7 +45,7 @@ import ssl
 import unicodedata
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -197,6 +197,10 @@ class RelayHandler:
         self._idle = asyncio.Event()
         self._idle.set()
 
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
     def stop_accepting(self) -> None:
         """Shutdown: refuse new transactions with 421; those already in DATA carry on."""
         self._accepting = False
@@ -249,10 +253,16 @@ class RelayHandler:
     async def handle_DATA(  # noqa: N802 - aiosmtpd hook name
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
+        with self.receiving_data():
+            return await self._guard(session, self._data(server, session, envelope))
+
+    @contextlib.contextmanager
+    def receiving_data(self) -> Iterator[None]:
+        """Marks a transaction between its 354 and its final reply; shutdown waits for these."""
         self._in_data += 1
         self._idle.clear()
         try:
-            return await self._guard(session, self._data(server, session, envelope))
+            yield
         finally:
             self._in_data -= 1
             if self._in_data == 0:
@@ -403,18 +413,25 @@ class ConnectionLimiter:
         self.per_client = per_client
         self._metrics = metrics
         self._open: Counter[str] = Counter()
-        self._transports: set[asyncio.BaseTransport] = set()
+        self._sessions: set[SMTP] = set()
 
-    def track(self, transport: asyncio.BaseTransport) -> None:
-        self._transports.add(transport)
+    def track(self, session: SMTP) -> None:
+        self._sessions.add(session)
 
-    def untrack(self, transport: asyncio.BaseTransport | None) -> None:
-        if transport is not None:
-            self._transports.discard(transport)
+    def untrack(self, session: SMTP) -> None:
+        self._sessions.discard(session)
 
     def close_all(self) -> None:
-        """Close every open SMTP connection (shutdown, after the grace period)."""
-        for transport in list(self._transports):
+        """Say 421 (RFC 5321 §3.8) and close every open SMTP connection (shutdown, after the
+        grace period in which transactions in DATA could finish)."""
+        for session in list(self._sessions):
+            # the session's current transport: after STARTTLS that is the TLS one
+            transport = session.transport
+            if transport is None:
+                continue
+            if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+                with contextlib.suppress(Exception):  # a connection dying now is fine
+                    transport.write(f"{SHUTTING_DOWN}\r\n".encode())
             transport.close()
 
     @property
@@ -563,7 +580,7 @@ class RelaySMTP(SMTP):
             return
         else:
             self._limited_ip = ip
-        self._limiter.track(transport)
+        self._limiter.track(self)
         super().connection_made(transport)
 
     def _refuse(
@@ -622,7 +639,7 @@ class RelaySMTP(SMTP):
         if self._limited_ip is not None:
             self._limiter.release(self._limited_ip)
             self._limited_ip = None
-        self._limiter.untrack(self._original_transport or self.transport)
+        self._limiter.untrack(self)
         super().connection_lost(error)
 
     def _create_session(self) -> Session:
@@ -683,6 +700,12 @@ class RelaySMTP(SMTP):
         if arg:
             await self.push(str(DATA_SYNTAX))
             return
+        with self._relay_handler.receiving_data():  # a shutdown lets this message finish
+            await self._receive_data()
+
+    async def _receive_data(self) -> None:
+        assert self.session is not None
+        assert self.envelope is not None
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         decoder = DataDecoder(replace(self._limits.content, max_size=self.data_size_limit or None))
         deadline = self.loop.call_later(self._limits.data_timeout, self._data_deadline_passed)

@@ -378,3 +378,50 @@ async def test_hybrid_queues_at_once_when_the_mailbox_has_no_free_graph_slot(
     # freeing the slots wakes the workers: no waiting for the next rescan
     received = await sandbox.wait_for_mail(5, timeout=3)
     assert "fifth" in {m.subject for m in received}
+
+
+async def test_shutdown_says_421_to_idle_sessions(
+    start_relay: RelayFactory, sandbox: Sandbox
+) -> None:
+    """A session waiting for its next command hears 421 4.3.2 before the relay closes it."""
+    relay = await start_relay(delivery=HYBRID)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(relay))
+    try:
+        assert (await reader.readline()).startswith(b"220 ")
+        writer.write(b"HELO device.test\r\n")
+        assert (await reader.readline()).startswith(b"250 ")
+        await relay.stop(grace=1.0)
+        assert await reader.readline() == b"421 4.3.2 Service shutting down, try again later\r\n"
+        assert await reader.read() == b""
+    finally:
+        writer.close()
+
+
+async def test_shutdown_lets_a_message_in_data_finish(
+    start_relay: RelayFactory, sandbox: Sandbox
+) -> None:
+    """SIGTERM while a client is sending its message body: the message is taken (250), then
+    the session hears 421 and the relay stops."""
+    relay = await start_relay(delivery=HYBRID)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(relay))
+    try:
+        assert (await reader.readline()).startswith(b"220 ")
+        for line, code in (
+            (b"HELO device.test", b"250"),
+            (f"MAIL FROM:<{MAILBOX}>".encode(), b"250"),
+            (b"RCPT TO:<bob@partner.example>", b"250"),
+            (b"DATA", b"354"),
+        ):
+            writer.write(line + b"\r\n")
+            assert (await reader.readline()).startswith(code)
+        body = message(subject="during shutdown")
+        writer.write(body[:20])
+        stopping = asyncio.create_task(relay.stop(grace=10.0))
+        await eventually(lambda: not relay.handler.accepting)  # stop() has begun
+        writer.write(body[20:] + b".\r\n")
+        assert (await reader.readline()).startswith(b"250 2.0.0 Ok: ")
+        assert await reader.readline() == b"421 4.3.2 Service shutting down, try again later\r\n"
+        await stopping
+        assert [m.subject for m in sandbox.received] == ["during shutdown"]
+    finally:
+        writer.close()
