@@ -23,18 +23,14 @@ from relay.admin import AdminServer, HealthSources
 from relay.attempts import size_limit
 from relay.auth import MECHANISMS, SmtpAuthenticator
 from relay.config import Config, ListenerConfig, load_config
+from relay.connections import ConnectionLimiter
 from relay.delivery import DeliveryEngine
 from relay.errors import ConfigError
 from relay.graph import GraphClient
 from relay.logs import setup_logging
 from relay.metrics import NULL_METRICS, MetricsSink, RelayMetrics
-from relay.smtp import (
-    ConnectionLimiter,
-    RelayHandler,
-    RelaySMTP,
-    SessionLimits,
-    server_tls_context,
-)
+from relay.smtp import RelayHandler
+from relay.smtp_protocol import RelaySMTP, SessionLimits, server_tls_context
 from relay.spool import Spool
 from relay.systemd import SystemdNotifier, run_watchdog
 from relay.tokens import TokenProvider

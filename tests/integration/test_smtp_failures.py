@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from relay.config import Config
+from relay.connections import ConnectionLimiter
 from relay.errors import SmtpReply
 from relay.sandbox import Sandbox
-from relay.smtp import ConnectionLimiter, RelayHandler, RelaySMTP, Submission
+from relay.smtp import RelayHandler, Submission
+from relay.smtp_protocol import RelaySMTP
 from tests.conftest import MAILBOX, build_config, message, relay_config_text
 
 
