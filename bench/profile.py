@@ -35,7 +35,7 @@ CHECKS: tuple[tuple[str, str], ...] = (
     ("TLS handshake (ssl do_handshake)", r"do_handshake"),
     ("config parsing (parse_config / load_config / model_validate)",
      r"parse_config|load_config|model_validate"),
-    ("spool I/O (relay/spool.py)", r"\(relay/spool\.py"),
+    ("spool I/O (relay/spool*.py)", r"\(relay/spool(_entry)?\.py"),
     ("logging (logging/__init__.py)", r"\(logging/__init__\.py"),
     ("SMTP protocol (aiosmtpd)", r"\(aiosmtpd/"),
     ("HTTP client (aiohttp)", r"\(aiohttp/"),

@@ -170,7 +170,9 @@ def _profile(profile: Profile, run: Outcome | None) -> list[str]:
     lines += ["", "Hot-path checks (samples whose stack contains the frame, all threads):", ""]
     for label, pattern in CHECKS:
         lines.append(f"- {label}: {profile.share(profile.matching(pattern))}")
-    on_loop = profile.matching(r"\(relay/spool\.py|\(pathlib\.py|\(shutil\.py", "MainThread")
+    on_loop = profile.matching(
+        r"\(relay/spool(_entry)?\.py|\(pathlib\.py|\(shutil\.py", "MainThread"
+    )
     lines.append(f"- file I/O on the event-loop thread (spool, pathlib): {profile.share(on_loop)}")
     if run is not None:
         lines += [

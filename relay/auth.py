@@ -1,13 +1,15 @@
-"""SMTP AUTH (RFC 4954): argon2id password hashes, PLAIN and LOGIN over TLS, failed-AUTH limits.
+"""SMTP AUTH (RFC 4954): PLAIN and LOGIN over TLS against argon2id hashes, failed-AUTH limits.
 
 Why this module exists: DESIGN §8 lets a client prove who it is with a username and password
 instead of (or on top of) its source network. The password is the one secret a client sends us,
-so its whole path lives here, and nothing on that path logs it or puts it in an exception.
+so its whole path lives here (hashing in `relay.passwords`), and nothing on that path logs it or
+puts it in an exception.
 
 Theory of operation
 - Hashes. `clients[].password_hash` is an argon2id PHC string printed by `hash-password` with
   `HASH_PARAMETERS`. Verification reads the cost from the stored string, so hashes made with
-  other parameters keep working when the defaults change.
+  other parameters keep working when the defaults change. Hashing and the command live in
+  `relay.passwords`; this module re-exports them.
 - Mechanisms. aiosmtpd's built-in PLAIN and LOGIN call a *synchronous* authenticator on the
   event loop; an argon2id check costs ~0.1 s of CPU and 64 MiB, which would stall every other
   session. So the handler offers `auth_PLAIN`/`auth_LOGIN` hooks (aiosmtpd prefers a handler's
@@ -38,24 +40,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import getpass
 import ipaddress
 import logging
 import re
 import secrets
-import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiosmtpd.smtp import AuthResult, Session
-from argon2 import Parameters, PasswordHasher, Type
-from argon2.exceptions import InvalidHashError, VerificationError
+from argon2 import PasswordHasher
 
 from relay.config import ClientConfig
 from relay.errors import PolicyError
+from relay.passwords import (
+    DEFAULT_HASHER,
+    HASH_PARAMETERS,
+    hash_password,
+    hash_password_command,
+    verify_password,
+)
 from relay.policy import identify_client
 
 __all__ = [
@@ -79,20 +85,6 @@ log = logging.getLogger("relay.auth")
 
 _T = TypeVar("_T")
 
-# RFC 9106 §4, the second recommended option ("if much less memory is available"): argon2id,
-# t=3 passes over m=64 MiB with p=4 lanes, 16-byte salt, 32-byte tag. About 0.1 s on one core;
-# 64 MiB per check in flight, which `SmtpAuthenticator.max_parallel` bounds.
-HASH_PARAMETERS = Parameters(
-    type=Type.ID,
-    version=19,
-    salt_len=16,
-    hash_len=32,
-    time_cost=3,
-    memory_cost=64 * 1024,  # KiB
-    parallelism=4,
-)
-DEFAULT_HASHER = PasswordHasher.from_parameters(HASH_PARAMETERS)
-
 MECHANISMS = ("LOGIN", "PLAIN")
 
 NOT_ENCRYPTED = "538 5.7.11 Encryption required for requested authentication mechanism"
@@ -102,57 +94,6 @@ CANNOT_DECODE = "501 5.5.2 Can't decode base64"
 CANNOT_SPLIT = "501 5.5.2 Can't split auth value"
 
 _UNSAFE_LOG_CHARS = re.compile(r"[^A-Za-z0-9._@+-]")
-
-
-# --- hashing ------------------------------------------------------------------------------
-
-
-def hash_password(password: str, hasher: PasswordHasher | None = None) -> str:
-    """An argon2id PHC string (`$argon2id$v=19$m=65536,t=3,p=4$salt$tag`) for `password`."""
-    return (hasher if hasher is not None else DEFAULT_HASHER).hash(password)
-
-
-def verify_password(
-    password_hash: str, password: bytes | str, hasher: PasswordHasher | None = None
-) -> bool:
-    """True when `password` matches; False for a mismatch or an unusable hash (never raises)."""
-    try:
-        return (hasher if hasher is not None else DEFAULT_HASHER).verify(password_hash, password)
-    except (VerificationError, InvalidHashError):
-        return False
-
-
-def hash_password_command(
-    *,
-    use_stdin: bool,
-    out: TextIO,
-    stdin: TextIO | None = None,
-    err: TextIO | None = None,
-    prompt: Callable[[str], str] = getpass.getpass,
-    hasher: PasswordHasher | None = None,
-) -> int:
-    """`hash-password`: read a password, print only its hash. Returns the exit code.
-
-    From a terminal the password is read twice without echo; with `--stdin`, or when stdin is
-    not a terminal, it is the single line on stdin (its line ending removed).
-    """
-    stdin = stdin or sys.stdin
-    err = err or sys.stderr
-    if use_stdin or not stdin.isatty():
-        password = stdin.readline().removesuffix("\n").removesuffix("\r")
-        if not stdin.isatty() and stdin.read().strip("\r\n"):
-            print("give one password on one line of standard input", file=err)
-            return 1
-    else:
-        password = prompt("Password: ")
-        if prompt("Repeat password: ") != password:
-            print("the two passwords differ; nothing was hashed", file=err)
-            return 1
-    if not password:
-        print("the password is empty; nothing was hashed", file=err)
-        return 1
-    out.write(hash_password(password, hasher) + "\n")
-    return 0
 
 
 # --- failed-AUTH limits -------------------------------------------------------------------

@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
 
         return run_sandbox_command(port=args.port, mail_dir=args.mail_dir, out=stdout)
     if args.command == "hash-password":
-        from relay.auth import hash_password_command
+        from relay.passwords import hash_password_command
 
         return hash_password_command(use_stdin=args.stdin, out=stdout)
     try:

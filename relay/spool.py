@@ -4,7 +4,9 @@ Why this module exists: the relay answers 250 only after `Spool.store` returns, 
 must survive any crash from that instant until Graph accepted it or an operator gave up on it.
 The shape follows GNU Mailman's switchboard (write temp, fsync, rename; claim by rename; recover
 claimed entries at start; quarantine what keeps crashing the worker) plus the directory fsyncs
-Mailman lacks. Blocking I/O only: the asyncio engine calls in through a thread.
+Mailman lacks. Blocking I/O only: the asyncio engine calls in through a thread. What an entry's
+metadata holds, and how strictly it is read back, is `relay.spool_entry`'s; this module
+re-exports it, so `relay.spool` stays the one import for callers.
 
 Theory of operation
 -------------------
@@ -70,18 +72,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
-import math
 import os
 import re
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final, Literal, get_args
+from typing import Final, get_args
 
 from relay.errors import RelayError
+from relay.spool_entry import QUEUE_ID_PATTERN, QUEUE_ID_RE, EntryMeta, State, check_queue_id
 
 __all__ = [
     "MAX_CRASHES",
@@ -99,21 +100,11 @@ __all__ = [
 
 log = logging.getLogger("relay.spool")
 
-State = Literal["queue", "active", "dead", "quarantine", "corrupt"]
 MAX_CRASHES: Final = 3
-FORMAT_VERSION: Final = 1
 # Order of preference when recovery finds one id in several states: the copy that still gets the
 # message delivered wins; every rename's destination outranks its source.
 _LIVE: Final[tuple[State, ...]] = ("queue", "quarantine", "dead", "active")
-_ID: Final = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}"
-_ID_RE: Final = re.compile(_ID)
-_CORRUPT_RE: Final = re.compile(rf"(?P<id>{_ID})\.(?:json|eml)(?:\.[0-9]+)?")
-_SCHEMA: Final[dict[str, type]] = {
-    "queue_id": str, "created": float, "mail_from": str, "recipients": list, "client": str,
-    "client_ip": str, "auth_object": str, "mailbox": str, "route": str, "message_id": str,
-    "size": int, "attempts": int, "next_attempt": float, "last_error": str, "crashes": int,
-    "is_bounce": bool, "dead_reason": str,
-}  # fmt: skip
+_CORRUPT_RE: Final = re.compile(rf"(?P<id>{QUEUE_ID_PATTERN})\.(?:json|eml)(?:\.[0-9]+)?")
 
 
 class SpoolError(RelayError):
@@ -134,81 +125,6 @@ class EntryNotFoundError(SpoolError):
 
 class _CorruptError(Exception):
     """An entry's metadata cannot be used."""
-
-
-def check_queue_id(queue_id: str) -> str:
-    """Return `queue_id` if it is safe as a file name, else raise ValueError (path traversal)."""
-    if not isinstance(queue_id, str) or not _ID_RE.fullmatch(queue_id):
-        raise ValueError(f"invalid queue id {queue_id!r}: want {_ID}")
-    return queue_id
-
-
-@dataclass(frozen=True, slots=True)
-class EntryMeta:
-    """A spooled message's envelope and delivery state. Times are wall-clock seconds."""
-
-    queue_id: str
-    created: float
-    mail_from: str  # "" is the null sender <>
-    recipients: tuple[str, ...]
-    client: str
-    client_ip: str
-    auth_object: str
-    mailbox: str
-    route: str
-    message_id: str
-    size: int
-    attempts: int = 0
-    next_attempt: float = 0.0  # 0 = now
-    last_error: str = ""
-    crashes: int = 0
-    is_bounce: bool = False  # a DSN we generated: never bounce it
-    dead_reason: str = ""
-
-    def __post_init__(self) -> None:
-        check_queue_id(self.queue_id)
-        if not self.recipients:
-            raise ValueError("an entry needs at least one recipient")
-        if min(self.size, self.attempts, self.crashes) < 0:
-            raise ValueError("size, attempts and crashes cannot be negative")
-        if not (math.isfinite(self.created) and math.isfinite(self.next_attempt)):
-            raise ValueError("created and next_attempt must be finite")
-
-    def to_json(self) -> bytes:
-        """ASCII JSON (lone surrogates from 8-bit headers survive as escapes) with a version."""
-        body = {"version": FORMAT_VERSION, **asdict(self)}
-        return json.dumps(body, ensure_ascii=True, allow_nan=False, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> EntryMeta:
-        """Parse `to_json` output; ValueError on anything else (version, keys, types, values)."""
-        try:
-            body = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
-        except RecursionError as exc:
-            raise ValueError("metadata nested too deeply") from exc
-        if not isinstance(body, dict):
-            raise ValueError("metadata is not a JSON object")
-        version = body.pop("version", None)
-        if type(version) is not int or version != FORMAT_VERSION:
-            raise ValueError(f"unsupported metadata version {version!r}")
-        if body.keys() != _SCHEMA.keys():
-            raise ValueError(f"metadata keys differ: {sorted(body.keys() ^ _SCHEMA.keys())}")
-        values: dict[str, Any] = {}
-        for key, kind in _SCHEMA.items():
-            value = body[key]
-            if kind is float and type(value) is int:
-                value = float(value)
-            if type(value) is not kind:
-                raise ValueError(f"metadata field {key!r} must be {kind.__name__}")
-            values[key] = value
-        if not all(type(r) is str for r in values["recipients"]):
-            raise ValueError("metadata field 'recipients' must hold strings")
-        values["recipients"] = tuple(values["recipients"])
-        return cls(**values)
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed in metadata")
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +226,7 @@ class Spool:
         orphans = 0
         for name in os.listdir(self.root / "data"):
             qid = name.removesuffix(".eml")
-            if name.endswith(".eml") and _ID_RE.fullmatch(qid) and qid not in live:
+            if name.endswith(".eml") and QUEUE_ID_RE.fullmatch(qid) and qid not in live:
                 os.unlink(self.root / "data" / name)  # a store that never reached its commit
                 orphans += 1
         if orphans:
@@ -575,7 +491,7 @@ class Spool:
 
     def _ids(self, state: State) -> list[str]:
         names = (n.removesuffix(".json") for n in self._names(state) if n.endswith(".json"))
-        return [qid for qid in names if _ID_RE.fullmatch(qid)]
+        return [qid for qid in names if QUEUE_ID_RE.fullmatch(qid)]
 
     def _load(self, state: State, qid: str) -> EntryMeta | None:
         """The metadata; None if the file is gone; _CorruptError if it cannot be used."""

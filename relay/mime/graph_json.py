@@ -14,11 +14,9 @@ Pure like the rest of the message core: bytes and values in, a frozen value out;
 # Theory of operation
 # ===================
 #
-# The message is cut into its MIME tree without re-encoding anything: `relay.mime.headers` splits
-# each entity into header fields and body, multipart bodies are split at their boundary lines
-# (RFC 2046 §5.1.1: the line ending before a delimiter belongs to the delimiter). Only leaf bodies
-# are decoded (base64, quoted-printable, 7bit/8bit/binary), so attachment bytes are exactly the
-# bytes any MIME reader would get, and `message/rfc822` parts keep their original octets.
+# Reading the MIME tree (splitting, decoding, choosing the body and the attachments) is
+# `relay.mime.parts`'s; nothing is re-encoded, so attachment bytes are exactly the bytes any MIME
+# reader would get. This module maps the result and the top-level header fields onto the resource.
 #
 # What the JSON form carries:
 #   subject              Subject, RFC 2047 words decoded, unfolded.
@@ -46,31 +44,35 @@ Pure like the rest of the message core: bytes and values in, a frozen value out;
 # sent this way does not thread in clients that rely on them), Sensitivity, List-* and any other
 # non-X field. Those are representation, not content, for the routes that choose JSON.
 #
-# What is refused with `CannotConvertError` (554 5.6.0) instead of being changed silently:
-# multipart/signed, multipart/encrypted and application/pkcs7-mime (a converted message loses or
-# breaks its signature); a text/calendar invitation that is not an attachment (it would arrive as
-# an .ics file, not as a meeting request); a second body text part (JSON has one body); a body
-# that is not valid in its declared charset (or UTF-8 when it declares none); an unknown transfer
-# encoding or a multipart without its boundary. A request body over Graph's 4 MB limit raises
+# What is refused with `CannotConvertError` (554 5.6.0, mostly raised by `relay.mime.parts`)
+# instead of being changed silently: multipart/signed, multipart/encrypted and
+# application/pkcs7-mime (a converted message loses or breaks its signature); a text/calendar
+# invitation that is not an attachment (it would arrive as an .ics file, not as a meeting
+# request); a second body text part (JSON has one body); a body that is not valid in its declared
+# charset (or UTF-8 when it declares none); an unknown transfer encoding or a multipart without
+# its boundary. A request body over Graph's 4 MB limit raises
 # `GraphJsonTooLargeError` (552 5.3.4).
 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from email.message import Message
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import Any
 
 from relay.errors import RelayError, SmtpReply
 from relay.mime import UnparseableMessageError
 from relay.mime.addresses import AddressItem, canonical_address, parse_address_list
-from relay.mime.headers import Field, split_message
+from relay.mime.parts import (
+    Attachment,
+    CannotConvertError,
+    Entity,
+    decode_words,
+    header_text,
+    read_content,
+)
 
 __all__ = [
     "MAX_INTERNET_HEADERS",
@@ -85,18 +87,6 @@ __all__ = [
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # user-sendmail.md: 4 MB per request
 MAX_INTERNET_HEADERS = 5  # Graph: "should be less than or equal to 5"
-_MAX_DEPTH = 32  # deeper MIME nesting is an attack, not a message
-
-
-class CannotConvertError(RelayError, ValueError):
-    """The message cannot be expressed as Graph JSON without changing it; `reason` says why."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = " ".join(reason.split())
-        self.reply = SmtpReply(
-            554, "5.6.0", f"Message cannot be sent unchanged on this route: {self.reason}"
-        )
-        super().__init__(self.reason)
 
 
 class GraphJsonTooLargeError(RelayError, ValueError):
@@ -147,6 +137,12 @@ class FileAttachment:
         if self.content_id:
             out["contentId"] = self.content_id
         return out
+
+
+def _file_attachment(part: Attachment) -> FileAttachment:
+    return FileAttachment(
+        part.name, part.content_type, part.content, part.content_id, part.is_inline
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,52 +211,7 @@ class GraphMessage:
         return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-# --- header text ----------------------------------------------------------------------------------
-
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
-_FOLD = re.compile(rb"\r?\n(?=[ \t])")
-
-
-def _header_text(value: bytes) -> str:
-    """A raw header value unfolded (RFC 5322 §2.2.3) and read as UTF-8 (RFC 6532), or as
-    Latin-1 when it is not UTF-8: 8-bit headers carry no charset, so this is the best reading."""
-    value = _FOLD.sub(b"", value).strip(b" \t\r\n")
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
-
-
-def _readable(text: str) -> str:
-    """Text from the stdlib's compat32 parser, whose 8-bit bytes are surrogate escapes, as
-    `_header_text` would have read the same bytes."""
-    return _header_text(text.encode("utf-8", "surrogateescape"))
-
-
-def _word(match: re.Match[str]) -> str:
-    charset, encoding, data = match.group(1).split("*")[0], match.group(2).upper(), match.group(3)
-    try:
-        if encoding == "B":
-            octets = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
-        else:
-            octets = binascii.a2b_qp(data.encode("ascii"), header=True)
-        return octets.decode(charset)
-    except (ValueError, LookupError):  # a malformed word stays as written (RFC 2047 §6.3)
-        return match.group(0)
-
-
-def _decode_words(text: str) -> str:
-    """RFC 2047 encoded words decoded; whitespace between adjacent words dropped (§6.2)."""
-    parts: list[str] = []
-    last, previous_was_word = 0, False
-    for match in _ENCODED_WORD.finditer(text):
-        between = text[last : match.start()]
-        if not (previous_was_word and not between.strip(" \t")):
-            parts.append(between)
-        parts.append(_word(match))
-        last, previous_was_word = match.end(), True
-    parts.append(text[last:])
-    return "".join(parts)
+# --- addresses ------------------------------------------------------------------------------------
 
 
 def _unquote(phrase: str) -> str:
@@ -286,7 +237,7 @@ def _display_name(item: AddressItem) -> str:
     else:  # "user@host (Name)": the trailing comment is the only name there is
         comment = re.search(r"\(([^()]*)\)\s*$", raw)
         phrase = comment.group(1) if comment else ""
-    return _unquote(_decode_words(phrase.strip()))
+    return _unquote(decode_words(phrase.strip()))
 
 
 def _recipients(items: Sequence[AddressItem]) -> list[Recipient]:
@@ -304,203 +255,6 @@ def _recipients(items: Sequence[AddressItem]) -> list[Recipient]:
 # --- the MIME tree --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Entity:
-    """One MIME entity: its header fields (parsed for parameters) and its undecoded body."""
-
-    fields: tuple[Field, ...]
-    headers: Message
-    body: bytes
-    default_type: str = "text/plain"
-
-    @classmethod
-    def parse(cls, raw: bytes, default_type: str = "text/plain") -> _Entity:
-        split = split_message(raw)
-        header_bytes = b"".join(f.raw for f in split.fields)
-        headers = BytesHeaderParser(policy=compat32).parsebytes(header_bytes)
-        headers.set_default_type(default_type)
-        return cls(split.fields, headers, split.body, default_type)
-
-    @property
-    def content_type(self) -> str:
-        if self.headers.get("content-type") is None:
-            return self.default_type
-        return self.headers.get_content_type()
-
-    def header(self, name: str) -> str | None:
-        for f in self.fields:
-            if f.key == name:
-                return _header_text(f.value)
-        return None
-
-    @property
-    def disposition(self) -> str:
-        return (self.headers.get_content_disposition() or "").lower()
-
-    @property
-    def filename(self) -> str | None:
-        name = self.headers.get_filename() or self.headers.get_param("name")
-        if isinstance(name, tuple):  # an RFC 2231 value get_param did not collapse
-            name = name[2]
-        return _decode_words(_readable(str(name))) if name else None
-
-    @property
-    def content_id(self) -> str | None:
-        value = self.header("content-id")
-        return value.strip().strip("<>").strip() or None if value else None
-
-    def decoded(self) -> bytes:
-        """The body with its Content-Transfer-Encoding removed (RFC 2045 §6)."""
-        cte = (self.header("content-transfer-encoding") or "7bit").strip().lower()
-        if cte in ("7bit", "8bit", "binary"):
-            return self.body
-        if cte == "base64":
-            try:
-                return binascii.a2b_base64(self.body)
-            except binascii.Error as exc:
-                raise CannotConvertError(f"a {self.content_type} part is not valid base64") from exc
-        if cte == "quoted-printable":
-            return binascii.a2b_qp(self.body)
-        raise CannotConvertError(f"unknown Content-Transfer-Encoding {cte[:40]!r}")
-
-    def children(self) -> list[_Entity]:
-        boundary = self.headers.get_param("boundary")
-        if not isinstance(boundary, str) or not boundary:
-            raise CannotConvertError(f"{self.content_type} without a boundary")
-        default = "message/rfc822" if self.content_type == "multipart/digest" else "text/plain"
-        return [_Entity.parse(part, default) for part in _split_multipart(self.body, boundary)]
-
-
-def _split_multipart(body: bytes, boundary: str) -> list[bytes]:
-    """The body parts between the delimiter lines of RFC 2046 §5.1.1 (preamble, epilogue gone)."""
-    delimiter = re.compile(
-        rb"^--" + re.escape(boundary.encode("utf-8", "surrogateescape")) + rb"(--)?[ \t]*\r?$",
-        re.MULTILINE,
-    )
-    parts: list[bytes] = []
-    start: int | None = None
-    for match in delimiter.finditer(body):
-        if start is not None:
-            end = match.start()
-            end -= 2 if body[end - 2 : end] == b"\r\n" else 1 if body[end - 1 : end] == b"\n" else 0
-            parts.append(body[start : max(start, end)])
-        start = match.end() + 1
-        if match.group(1):
-            return parts
-    if start is not None and start < len(body):  # a missing close delimiter is tolerated
-        parts.append(body[start:])
-    return parts
-
-
-_REFUSED = {
-    "multipart/signed": "it is signed (multipart/signed); converting it would break the signature",
-    "multipart/encrypted": "it is encrypted (multipart/encrypted)",
-    "application/pkcs7-mime": "it is S/MIME (application/pkcs7-mime)",
-    "application/x-pkcs7-mime": "it is S/MIME (application/x-pkcs7-mime)",
-}
-_EXTENSIONS = {
-    "application/pdf": ".pdf",
-    "image/png": ".png",
-    "image/jpeg": ".jpg",
-    "image/gif": ".gif",
-    "text/plain": ".txt",
-    "text/html": ".html",
-    "text/calendar": ".ics",
-    "text/csv": ".csv",
-    "message/rfc822": ".eml",
-}
-
-
-@dataclass(slots=True)
-class _Walk:
-    """Collects the body and the attachments while walking the tree once, depth first."""
-
-    body: tuple[str, str] | None = None  # (contentType, text)
-    attachments: list[FileAttachment] = field(default_factory=list)
-
-    def visit(self, entity: _Entity, *, body_slot: bool, inline: bool, depth: int) -> None:
-        kind = entity.content_type
-        if depth > _MAX_DEPTH:
-            raise CannotConvertError("MIME nesting is too deep")
-        if kind in _REFUSED:
-            raise CannotConvertError(_REFUSED[kind])
-        if kind.startswith("multipart/"):
-            self._multipart(entity, body_slot=body_slot, depth=depth)
-            return
-        textual = kind in ("text/plain", "text/html") and entity.disposition != "attachment"
-        if textual and entity.filename is None:
-            if not body_slot or self.body is not None:
-                raise CannotConvertError(f"a second {kind} body part (JSON has one body)")
-            self.body = ("html" if kind == "text/html" else "text", _text(entity))
-            return
-        if kind == "text/calendar" and entity.disposition != "attachment":
-            raise CannotConvertError(
-                "a calendar invitation would arrive as an .ics file, not as a meeting request"
-            )
-        self._attach(entity, inline=inline)
-
-    def _multipart(self, entity: _Entity, *, body_slot: bool, depth: int) -> None:
-        children = entity.children()
-        if not children:
-            raise CannotConvertError(f"{entity.content_type} without parts")
-        kind = entity.content_type
-        if kind == "multipart/alternative":
-            if not body_slot or self.body is not None:
-                raise CannotConvertError("multipart/alternative outside the message body")
-            kinds = [c.content_type for c in children]
-            if "text/calendar" in kinds:
-                raise CannotConvertError(
-                    "a calendar invitation would arrive as an .ics file, not as a meeting request"
-                )
-            html = [c for c in children if c.content_type in ("text/html", "multipart/related")]
-            plain = [c for c in children if c.content_type == "text/plain"]
-            # RFC 2046 §5.1.4: the last alternative is the preferred one.
-            chosen = html[-1] if html else plain[-1] if plain else children[-1]
-            self.visit(chosen, body_slot=True, inline=False, depth=depth + 1)
-            return
-        if kind == "multipart/related":
-            start = entity.headers.get_param("start")
-            wanted = start.strip("<>") if isinstance(start, str) else None
-            root = next((c for c in children if wanted and c.content_id == wanted), children[0])
-            self.visit(root, body_slot=body_slot, inline=False, depth=depth + 1)
-            for child in children:
-                if child is not root:
-                    self.visit(child, body_slot=False, inline=True, depth=depth + 1)
-            return
-        for n, child in enumerate(children):  # mixed, report, digest and unknown: as mixed
-            self.visit(child, body_slot=body_slot and n == 0, inline=False, depth=depth + 1)
-
-    def _attach(self, entity: _Entity, *, inline: bool) -> None:
-        kind = entity.content_type
-        content = entity.decoded()
-        name = entity.filename
-        if not name and kind == "message/rfc822":
-            subject = _Entity.parse(content).header("subject")
-            name = (_decode_words(subject).strip() if subject else "") or "message"
-            name += ".eml"
-        if not name:
-            name = f"attachment{len(self.attachments) + 1}{_EXTENSIONS.get(kind, '')}"
-        content_id = entity.content_id
-        is_inline = bool(content_id) and (inline or entity.disposition == "inline")
-        self.attachments.append(
-            FileAttachment(name, kind, content, content_id if is_inline else None, is_inline)
-        )
-
-
-def _text(entity: _Entity) -> str:
-    """A text part's content, decoded strictly: a wrong guess would change the text."""
-    octets = entity.decoded()
-    charset = entity.headers.get_content_charset()
-    try:
-        return octets.decode(charset or "utf-8")
-    except LookupError as exc:
-        raise CannotConvertError(f"unknown charset {charset!r}") from exc
-    except UnicodeDecodeError as exc:
-        raise CannotConvertError(
-            f"the {entity.content_type} body is not valid {charset or 'UTF-8'}"
-        ) from exc
-
-
 # --- header-derived properties --------------------------------------------------------------------
 
 _IMPORTANCE = {
@@ -514,7 +268,7 @@ _X_PRIORITY = {"1": "high", "2": "high", "3": "normal", "4": "low", "5": "low"}
 _AS_PROPERTIES = frozenset({"x-priority", "x-msmail-priority"})
 
 
-def _importance(top: _Entity) -> str | None:
+def _importance(top: Entity) -> str | None:
     for name in ("importance", "x-priority", "x-msmail-priority", "priority"):
         value = top.header(name)
         if value is None:
@@ -529,7 +283,7 @@ def _importance(top: _Entity) -> str | None:
     return None
 
 
-def _addresses(top: _Entity, name: str) -> list[Recipient]:
+def _addresses(top: Entity, name: str) -> list[Recipient]:
     value = top.header(name)
     try:
         return _recipients(parse_address_list(value)) if value else []
@@ -538,7 +292,7 @@ def _addresses(top: _Entity, name: str) -> list[Recipient]:
 
 
 def _envelope_filter(
-    top: _Entity, envelope_recipients: Sequence[str]
+    top: Entity, envelope_recipients: Sequence[str]
 ) -> tuple[list[Recipient], list[Recipient], list[Recipient]]:
     """To/Cc/Bcc naming exactly the envelope recipients, each once (DESIGN §7)."""
     wanted = {canonical_address(a): a for a in envelope_recipients}
@@ -549,7 +303,7 @@ def _envelope_filter(
         for f in top.fields:
             if f.key != name:
                 continue
-            for recipient in _recipients(parse_address_list(_header_text(f.value))):
+            for recipient in _recipients(parse_address_list(header_text(f.value))):
                 canonical = canonical_address(recipient.address)
                 if canonical in wanted and canonical not in seen:
                     seen.add(canonical)
@@ -559,7 +313,7 @@ def _envelope_filter(
     return out[0], out[1], out[2]
 
 
-def _internet_headers(top: _Entity) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+def _internet_headers(top: Entity) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
     kept: list[tuple[str, str]] = []
     dropped: list[str] = []
     for f in top.fields:
@@ -567,7 +321,7 @@ def _internet_headers(top: _Entity) -> tuple[tuple[tuple[str, str], ...], tuple[
         if not f.key.startswith("x-") or f.key in _AS_PROPERTIES:
             continue
         if len(kept) < MAX_INTERNET_HEADERS:
-            kept.append((name, _header_text(f.value)))
+            kept.append((name, header_text(f.value)))
         else:
             dropped.append(name)
     return tuple(kept), tuple(dropped)
@@ -589,10 +343,9 @@ def to_graph_message(
     """
     if not envelope_recipients:
         raise ValueError("an envelope needs at least one recipient")
-    top = _Entity.parse(prepared_mime)
-    walk = _Walk()
-    walk.visit(top, body_slot=True, inline=False, depth=0)
-    body_type, body = walk.body or ("text", "")
+    top = Entity.parse(prepared_mime)
+    content = read_content(top)
+    body_type, body = content.body or ("text", "")
     to, cc, bcc = _envelope_filter(top, envelope_recipients)
     authors = _addresses(top, "from")
     reply_to = _addresses(top, "reply-to")
@@ -607,7 +360,7 @@ def to_graph_message(
     message_id = top.header("message-id")
     headers, dropped = _internet_headers(top)
     message = GraphMessage(
-        subject=_decode_words(top.header("subject") or ""),
+        subject=decode_words(top.header("subject") or ""),
         body_type=body_type,
         body=body,
         to=tuple(to),
@@ -616,7 +369,7 @@ def to_graph_message(
         from_=from_,
         sender=sender,
         reply_to=tuple(reply_to),
-        attachments=tuple(walk.attachments),
+        attachments=tuple(_file_attachment(a) for a in content.attachments),
         importance=_importance(top),
         internet_message_id=" ".join(message_id.split()) if message_id else None,
         read_receipt=top.header("disposition-notification-to") is not None,
