@@ -141,6 +141,10 @@ class DeliveryEngine:
 
     async def stop(self, grace: float) -> None:
         """Let attempts in progress finish for up to `grace` seconds; requeue the rest."""
+        if self.runner is not None:
+            # First: no new claims, or the workers would pick up what the inline attempts
+            # release below and start a second request for the same message.
+            self.runner.stop_claiming()
         inline = set(self._inline.running)
         if inline:
             _, pending = await asyncio.wait(inline, timeout=grace)

@@ -128,6 +128,11 @@ class QueueRunner:
                 await asyncio.wait(pending)
         self._threads.shutdown(wait=False)  # every spool operation has completed by now
 
+    def stop_claiming(self) -> None:
+        """Shutdown has begun: claim nothing more (stop() then waits for the workers)."""
+        self._stopping = True
+        self._wake.set()
+
     def wake(self) -> None:
         """Look again now, e.g. because an inline attempt freed a mailbox's Graph slot."""
         self._wake.set()
