@@ -334,6 +334,9 @@ class RelayHandler:
                 extra={"event": "rejected", "queue_id": queue_id},
             )
             return SmtpReply(554, "5.6.0", "Message headers cannot be parsed")
+        # From here on only the prepared copy is needed: let a large original go now.
+        del raw
+        envelope.content = envelope.original_content = None
         return await self._submitter.submit(
             Submission(
                 queue_id=queue_id,

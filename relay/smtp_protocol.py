@@ -343,13 +343,13 @@ class RelaySMTP(SMTP):
         if not complete:
             return
         try:
-            content = decoder.content()
+            # No local reference: the handler drops the raw bytes once it has prepared them.
+            self.envelope.content = self.envelope.original_content = decoder.content()
         except ContentRefusedError as refused:
             self.envelope = self._create_envelope()
             self._relay_handler.record_refusal(self.session, refused.reply)
             await self.push(str(refused.reply))
             return
-        self.envelope.content = self.envelope.original_content = content
         status = await self._relay_handler.handle_DATA(self, self.session, self.envelope)
         self.envelope = self._create_envelope()
         await self.push(status)

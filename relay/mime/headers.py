@@ -55,8 +55,14 @@ class SplitMessage:
 
     fields: tuple[Field, ...]
     separator: bytes  # the empty line ending the header block; b"" when there is none
-    body: bytes
+    raw: bytes  # the whole message as received
+    body_start: int
     eol: bytes
+
+    @property
+    def body(self) -> bytes:
+        """The body as bytes (a copy: for large messages prefer `assemble`, which copies once)."""
+        return self.raw[self.body_start :]
 
     def assemble(self, fields: Iterable[Field]) -> bytes:
         """The message with `fields` as its header block; separator and body unchanged."""
@@ -67,7 +73,10 @@ class SplitMessage:
             out += field.raw
         if self.separator and out and not out.endswith(b"\n"):
             out += self.eol
-        return bytes(out) + self.separator + self.body
+        out += self.separator
+        # One copy of the body, straight from the received bytes: a 100 MB message is then
+        # held twice at most (as received and as prepared), not three times.
+        return b"".join((out, memoryview(self.raw)[self.body_start :]))
 
 
 _FOLD_AT = 78  # RFC 5322 §2.1.1: lines SHOULD be no more than 78 characters
@@ -131,7 +140,7 @@ def split_message(raw: bytes) -> SplitMessage:
         )
         for n, (start, m) in enumerate(starts)
     ]
-    return SplitMessage(tuple(fields), separator, raw[body_start:], eol)
+    return SplitMessage(tuple(fields), separator, raw, body_start, eol)
 
 
 # --- decoded values for logs ----------------------------------------------------------------------
