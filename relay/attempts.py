@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -31,6 +30,7 @@ from relay.config import AuthObjectConfig, Config, RouteConfig
 from relay.errors import DeliveryError, PermanentDeliveryError, SmtpReply, TransientDeliveryError
 from relay.message import CannotConvertError, GraphJsonTooLargeError, to_graph_message
 from relay.metrics import NULL_METRICS, ErrorReport, MetricsSink
+from relay.policy import route_index
 from relay.spool import EntryMeta
 
 __all__ = [
@@ -133,16 +133,14 @@ class JsonGraphSender(Protocol):
 
 
 _Send = Callable[..., Awaitable[SendOutcome]]
-_ROUTE_NAME = re.compile(r"routes\[(\d+)\]")
 
 
 def json_route(config: Config, meta: EntryMeta) -> RouteConfig | None:
     """The route of `meta` when it needs the JSON form (DESIGN §3, §7: rewrite_from, or
     save_to_sent_items: false, which MIME cannot express); None for the MIME form. The route is
     read from the current config by its position, so a reload applies to queued messages too."""
-    match = _ROUTE_NAME.fullmatch(meta.route)
-    index = int(match.group(1)) if match else -1
-    if not 0 <= index < len(config.routes):
+    index = route_index(meta.route)
+    if index is None or index >= len(config.routes):
         return None
     route = config.routes[index]
     return route if route.rewrite_from or not route.save_to_sent_items else None

@@ -18,6 +18,7 @@ Address patterns are shell-style globs matched case-insensitively against the wh
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -48,6 +49,12 @@ class Route:
     @property
     def name(self) -> str:
         return f"routes[{self.index}]"
+
+
+def route_index(name: str) -> int | None:
+    """The index in `routes` of a route `name` as `Route.name` writes it, else None."""
+    match = re.fullmatch(r"routes\[(\d+)\]", name)
+    return int(match.group(1)) if match else None
 
 
 def _shown(text: str, limit: int = 200) -> str:

@@ -24,7 +24,6 @@ import asyncio
 import heapq
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -38,6 +37,7 @@ from relay.message import BounceRequest, FailedRecipient, build_dsn, is_bounce
 from relay.metrics import NULL_METRICS, MetricsSink
 from relay.schedule import Backoff, is_expired, next_attempt_at
 from relay.spool import EntryMeta, Spool, SpoolUnavailableError
+from relay.spool_entry import new_queue_id
 
 __all__ = ["RESCAN_SECONDS", "QueueRunner"]
 
@@ -305,7 +305,7 @@ class QueueRunner:
         if not config.delivery.bounces or not meta.mail_from or meta.is_bounce or is_bounce(mime):
             return
         now = datetime.now(UTC)
-        queue_id = uuid.uuid4().hex[:16].upper()
+        queue_id = new_queue_id()
         status = "4.4.7" if expired else failure.reply.status
         diagnostic = f"smtp; {failure.reply}"
         if failure.code:

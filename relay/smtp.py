@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import unicodedata
-import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -67,6 +66,7 @@ from relay.replies import (
     SHUTTING_DOWN,
 )
 from relay.smtp_protocol import RelaySMTP, client_ip_of
+from relay.spool_entry import new_queue_id
 
 __all__ = [
     "INTERNAL_ERROR",
@@ -132,7 +132,7 @@ class RelayHandler:
         config: Callable[[], Config],
         submitter: Submitter,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        new_queue_id: Callable[[], str] = lambda: uuid.uuid4().hex[:16].upper(),
+        new_queue_id: Callable[[], str] = new_queue_id,
         metrics: MetricsSink = NULL_METRICS,
         authenticator: SmtpAuthenticator | None = None,
     ) -> None:

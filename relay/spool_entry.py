@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Final, Literal
 
@@ -36,6 +37,11 @@ _SCHEMA: Final[dict[str, type]] = {
     "size": int, "attempts": int, "next_attempt": float, "last_error": str, "crashes": int,
     "is_bounce": bool, "dead_reason": str,
 }  # fmt: skip
+
+
+def new_queue_id() -> str:
+    """A fresh queue id: 16 upper-case hex digits, random, safe as a file name."""
+    return uuid.uuid4().hex[:16].upper()
 
 
 def check_queue_id(queue_id: str) -> str:

@@ -14,6 +14,7 @@ from relay.policy import (
     effective_sender,
     identify_client,
     matches_any,
+    route_index,
 )
 
 PRINTERS = ClientConfig.model_validate(
@@ -139,3 +140,16 @@ def test_glob_matching_is_whole_address_and_case_insensitive(
 ) -> None:
     """Patterns are anchored: a domain glob does not match subdomains unless it says so."""
     assert matches_any(address, patterns) is expected
+
+
+@pytest.mark.parametrize("index", [0, 7, 123])
+def test_route_index_reads_back_the_route_name(index: int) -> None:
+    """Queued entries store the route by name; route_index finds it again after a reload."""
+    route = choose_route(ROUTES, "jane@contoso.com")
+    assert route_index(type(route)(index, route.auth_object, route.mailbox).name) == index
+
+
+@pytest.mark.parametrize("name", ["", "routes[]", "routes[-1]", "route[1]", "routes[1] ", "x"])
+def test_route_index_of_anything_else_is_none(name: str) -> None:
+    """A name not written by Route.name selects no route."""
+    assert route_index(name) is None
