@@ -29,7 +29,7 @@ from pathlib import Path
 from bench import MAILBOX, relay_config_text, sandbox_world, write_secret
 from bench.crash_soak import RelayProcess, free_port
 from bench.loadgen import LoadConfig, LoadGenerator, LoadReport, percentile
-from relay.config import parse_config
+from relay.config.load import parse_config
 from relay.sandbox import Sandbox
 from relay.service import RelayService
 

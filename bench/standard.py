@@ -44,8 +44,8 @@ from bench.loadgen import LoadConfig, LoadGenerator, Transaction, percentile
 from bench.procfs import ConnectionSampler, Memory, describe_machine, memory
 from bench.profile import Profile, Profiler, py_spy
 from bench.report import Outcome, render
-from relay.config import parse_config
-from relay.errors import ConfigError
+from relay.config.load import parse_config
+from relay.core.errors import ConfigError
 from relay.sandbox import MAILBOX_CONCURRENCY, Sandbox
 
 __all__ = ["Scenario", "main", "run_scenario", "scenarios"]

@@ -19,21 +19,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relay.admin import AdminServer, HealthSources
-from relay.attempts import size_limit
-from relay.auth import MECHANISMS, SmtpAuthenticator
-from relay.config import Config, ListenerConfig, load_config
-from relay.connections import ConnectionLimiter
-from relay.delivery import DeliveryEngine
-from relay.errors import ConfigError
-from relay.graph import GraphClient
-from relay.logs import setup_logging
-from relay.metrics import NULL_METRICS, MetricsSink, RelayMetrics
-from relay.smtp import RelayHandler
-from relay.smtp_protocol import RelaySMTP, SessionLimits, server_tls_context
-from relay.spool import Spool
-from relay.systemd import SystemdNotifier, run_watchdog
-from relay.tokens import TokenProvider
+from relay.config.load import load_config
+from relay.config.schema import Config, ListenerConfig
+from relay.core.errors import ConfigError
+from relay.delivery.attempt import size_limit
+from relay.delivery.engine import DeliveryEngine
+from relay.graph.client import GraphClient
+from relay.graph.tokens import TokenProvider
+from relay.ops.admin import AdminServer, HealthSources
+from relay.ops.logs import setup_logging
+from relay.ops.metrics import NULL_METRICS, MetricsSink, RelayMetrics
+from relay.ops.systemd import SystemdNotifier, run_watchdog
+from relay.smtp.auth import MECHANISMS, SmtpAuthenticator
+from relay.smtp.connections import ConnectionLimiter
+from relay.smtp.handler import RelayHandler
+from relay.smtp.session import RelaySMTP, SessionLimits, server_tls_context
+from relay.store.files.spool import Spool
 
 __all__ = ["BoundListener", "RelayService", "serve_until_stopped"]
 

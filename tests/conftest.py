@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import trustme
 
-from relay.config import Config, parse_config
+from relay.config.load import parse_config
+from relay.config.schema import Config
 from relay.sandbox import Sandbox
 from relay.service import RelayService
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from relay.config import AuthObjectConfig
+from relay.config.schema import AuthObjectConfig
 from relay.sandbox import Sandbox
 
 __all__ = ["CLIENT", "SECRET", "TENANT", "auth_for"]

@@ -19,18 +19,18 @@ import re
 import sys
 from datetime import UTC, datetime
 
-from relay.errors import PolicyError
-from relay.message import (
+from relay.core.errors import PolicyError
+from relay.core.message.addresses import canonical_address
+from relay.core.message.headers import split_message
+from relay.core.message.limits import ContentLimits, ContentRefusedError, DataDecoder, check_content
+from relay.core.message.prepare import (
     Envelope,
     TraceInfo,
     UnparseableMessageError,
     author_addresses,
     prepare_for_graph,
 )
-from relay.mime.addresses import canonical_address
-from relay.mime.headers import split_message
-from relay.mime.limits import ContentLimits, ContentRefusedError, DataDecoder, check_content
-from relay.policy import check_authors, check_envelope_sender, identify_client
+from relay.core.policy import check_authors, check_envelope_sender, identify_client
 from tests.fuzz.test_fuzz_core import CONFIG, ambiguous_dot, whitespace_message_id
 
 REJECT = ContentLimits(max_size=8192, max_header_bytes=512, max_mime_depth=4)

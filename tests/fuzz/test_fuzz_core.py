@@ -22,19 +22,20 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from relay.config import Config, parse_config
-from relay.errors import PolicyError
-from relay.message import (
+from relay.config.load import parse_config
+from relay.config.schema import Config
+from relay.core.errors import PolicyError
+from relay.core.message.addresses import canonical_address
+from relay.core.message.headers import split_message
+from relay.core.message.limits import ContentLimits, ContentRefusedError, DataDecoder, check_content
+from relay.core.message.prepare import (
     Envelope,
     TraceInfo,
     UnparseableMessageError,
     author_addresses,
     prepare_for_graph,
 )
-from relay.mime.addresses import canonical_address
-from relay.mime.headers import split_message
-from relay.mime.limits import ContentLimits, ContentRefusedError, DataDecoder, check_content
-from relay.policy import (
+from relay.core.policy import (
     check_authors,
     check_envelope_sender,
     check_recipient,
@@ -43,7 +44,7 @@ from relay.policy import (
     identify_client,
     matches_any,
 )
-from relay.proxy import ProxyHeader, ProxyHeaderError, client_endpoint, is_trusted_proxy
+from relay.smtp.proxy import ProxyHeader, ProxyHeaderError, client_endpoint, is_trusted_proxy
 
 settings.register_profile(
     "relay-fuzz-ci",

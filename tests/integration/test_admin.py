@@ -14,13 +14,14 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.admin import AdminServer, BoundListenerView, HealthSources
-from relay.config import AdminConfig, Config, parse_config
-from relay.metrics import ErrorReport, RelayMetrics
+from relay.config.load import parse_config
+from relay.config.schema import AdminConfig, Config
+from relay.graph.tokens import TokenStatus
+from relay.ops.admin import AdminServer, BoundListenerView, HealthSources
+from relay.ops.metrics import ErrorReport, RelayMetrics
 from relay.sandbox import Sandbox
 from relay.service import BoundListener, RelayService
-from relay.spool import Spool
-from relay.tokens import TokenStatus
+from relay.store.files.spool import Spool
 from tests.conftest import MAILBOX, SECRET, asmtp_send, build_config, message, relay_config_text
 
 PAGE_SECRET = "Sb8Q~admin-page-secret-do-not-show"

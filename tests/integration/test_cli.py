@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.cli import main
+from relay.cli.main import main
 from relay.sandbox import Sandbox
 from tests.conftest import CLIENT_ID, MAILBOX, SECRET, TENANT, relay_config_text
 

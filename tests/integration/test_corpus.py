@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.graph import GraphClient
-from relay.mime.headers import split_message
+from relay.core.message.headers import split_message
+from relay.graph.client import GraphClient
 from relay.sandbox import Sandbox
 from relay.service import RelayService
 from tests.conftest import RelayFactory, SmtpOutcome

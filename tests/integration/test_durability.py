@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from relay.core.values import EntryMeta
 from relay.sandbox import Sandbox
 from relay.service import RelayService
-from relay.spool import EntryMeta, Spool
+from relay.store.files.spool import Spool
 from tests.conftest import MAILBOX, RelayFactory, asmtp_send, message
 
 QUEUE = "{mode: queue, spool_dir: spool, retry: {first: 200ms, max: 1s, lifetime: 1h}}"
@@ -352,7 +353,7 @@ async def test_an_entry_found_by_the_rescan_is_delivered_at_once(
 ) -> None:
     """An entry the runner was not told about (CLI retry, another process) goes out right after
     the next rescan, not one rescan period later."""
-    monkeypatch.setattr("relay.runner.RESCAN_SECONDS", 0.3)
+    monkeypatch.setattr("relay.delivery.workers.RESCAN_SECONDS", 0.3)
     relay = await start_relay(delivery=QUEUE)
     spool_of(relay).store(outside_entry("FROMOUTSIDE1"), message(subject="from outside"))
     started = time.monotonic()

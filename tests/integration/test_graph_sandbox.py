@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from relay.config import AuthObjectConfig
-from relay.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
-from relay.graph import GraphClient, SendResult
+from relay.config.schema import AuthObjectConfig
+from relay.core.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from relay.graph.client import GraphClient, SendResult
+from relay.graph.tokens import TokenProvider
 from relay.sandbox import ABORT, Sandbox
-from relay.tokens import TokenProvider
 from tests.sandbox_auth import CLIENT, SECRET, TENANT, auth_for
 
 MAILBOX = "scanner@contoso.com"

@@ -20,7 +20,7 @@ from email.policy import compat32
 import aiohttp
 import pytest
 
-from relay.attempts import single_request_limit
+from relay.core.limits import single_request_limit
 from relay.sandbox import Sandbox
 from relay.service import RelayService
 from tests.conftest import CLIENT_ID, MAILBOX, SECRET, TENANT, RelayFactory, asmtp_send

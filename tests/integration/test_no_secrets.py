@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from relay.auth import hash_password
-from relay.cli import main
-from relay.logs import JsonFormatter, setup_logging
+from relay.cli.main import main
+from relay.ops.logs import JsonFormatter, setup_logging
 from relay.sandbox import Sandbox
 from relay.sandbox.access_tokens import AccessTokens
+from relay.smtp.auth import hash_password
 from tests.conftest import (
     MAILBOX,
     SECRET,

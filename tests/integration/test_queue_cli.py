@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from relay.cli import main
+from relay.cli.main import main
+from relay.core.values import EntryMeta
 from relay.sandbox import Sandbox
-from relay.spool import EntryMeta, Spool
+from relay.store.files.spool import Spool
 from tests.conftest import MAILBOX
 from tests.integration.test_cli import write_config
 

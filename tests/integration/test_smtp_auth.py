@@ -20,10 +20,10 @@ from typing import TypeVar
 import pytest
 from argon2 import PasswordHasher
 
-from relay.auth import hash_password, verify_password
-from relay.config import ClientConfig
+from relay.config.schema import ClientConfig
 from relay.sandbox import Sandbox
 from relay.service import RelayService
+from relay.smtp.auth import hash_password, verify_password
 from tests.conftest import MAILBOX, TlsFiles, build_config, message, relay_config_text
 from tests.e2e.test_real_clients import run, swaks
 

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import Config
-from relay.connections import ConnectionLimiter
-from relay.errors import SmtpReply
+from relay.config.schema import Config
+from relay.core.errors import SmtpReply
+from relay.core.values import Submission
 from relay.sandbox import Sandbox
-from relay.smtp import RelayHandler, Submission
-from relay.smtp_protocol import RelaySMTP
+from relay.smtp.connections import ConnectionLimiter
+from relay.smtp.handler import RelayHandler
+from relay.smtp.session import RelaySMTP
 from tests.conftest import MAILBOX, build_config, message, relay_config_text
 
 

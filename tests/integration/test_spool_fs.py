@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import EntryMeta, Spool, SpoolUnavailableError
+from relay.core.values import EntryMeta
+from relay.store.files.spool import Spool, SpoolUnavailableError
 
 NOW = 1_700_000_000.0
 

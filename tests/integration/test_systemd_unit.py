@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from relay.config import DeliveryConfig
+from relay.config.schema import DeliveryConfig
 from relay.service import RelayService
 
 REPO = Path(__file__).resolve().parents[2]
@@ -344,8 +344,9 @@ for module in pkgutil.walk_packages(relay.__path__, "relay."):
     if not module.name.endswith("__main__"):  # that one runs the CLI
         importlib.import_module(module.name)
 
-from relay.config import ClientCertificate, parse_config
-from relay.sandbox_mode import SandboxRelay
+from relay.config.schema import ClientCertificate
+from relay.config.load import parse_config
+from relay.cli.sandbox import SandboxRelay
 from tests.certificates import self_signed
 
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from relay.config import AuthObjectConfig
-from relay.errors import TransientDeliveryError
+from relay.config.schema import AuthObjectConfig
+from relay.core.errors import TransientDeliveryError
+from relay.graph.tokens import TokenProvider
 from relay.sandbox import Sandbox
-from relay.tokens import TokenProvider
 from tests.certificates import SelfSigned, self_signed
 from tests.sandbox_auth import CLIENT, SECRET, TENANT, auth_for
 

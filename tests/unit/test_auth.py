@@ -19,7 +19,12 @@ import trustme
 from aiosmtpd.smtp import MISSING, AuthResult, Session
 from argon2 import PasswordHasher
 
-from relay.auth import (
+from relay.cli.main import main
+from relay.config.load import parse_config
+from relay.config.schema import ClientConfig, Config
+from relay.core.errors import ConfigError, PolicyError
+from relay.core.policy import identify_client
+from relay.smtp.auth import (
     HASH_PARAMETERS,
     AuthenticatedUser,
     AuthLimits,
@@ -33,10 +38,6 @@ from relay.auth import (
     verify_password,
     without_empty_auth,
 )
-from relay.cli import main
-from relay.config import ClientConfig, Config, parse_config
-from relay.errors import ConfigError, PolicyError
-from relay.policy import identify_client
 
 REPO = Path(__file__).resolve().parents[2]
 # Cheap argon2id for tests; verification reads the cost from each hash, so these verify as fast.

@@ -8,15 +8,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 
-from relay.config import (
-    ClientCertificate,
-    ClientSecret,
-    load_config,
-    parse_config,
-    parse_duration,
-    parse_size,
-)
-from relay.errors import ConfigError
+from relay.config.load import load_config, parse_config
+from relay.config.schema import ClientCertificate, ClientSecret, parse_duration, parse_size
+from relay.core.errors import ConfigError
 from tests.certificates import self_signed
 
 REPO = Path(__file__).resolve().parents[2]

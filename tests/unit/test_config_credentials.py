@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ClientCertificate, ClientSecret, load_config, parse_config
-from relay.errors import ConfigError
+from relay.config.load import load_config, parse_config
+from relay.config.schema import ClientCertificate, ClientSecret
+from relay.core.errors import ConfigError
 from tests.certificates import self_signed
 
 TENANT = "11111111-2222-3333-4444-555555555555"

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from relay.config import parse_config
+from relay.config.load import parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"

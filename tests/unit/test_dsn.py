@@ -18,7 +18,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from relay.message import BounceRequest, FailedRecipient, build_dsn, is_bounce
+from relay.core.message.prepare import BounceRequest, FailedRecipient, build_dsn, is_bounce
 
 NOW = datetime(2024, 3, 5, 14, 30, 7, tzinfo=timezone(timedelta(hours=1)))
 ARRIVAL = NOW - timedelta(days=5)

@@ -13,9 +13,9 @@ import pytest
 from aioresponses import aioresponses
 from yarl import URL
 
-from relay.config import AuthObjectConfig
-from relay.errors import PermanentDeliveryError, TransientDeliveryError
-from relay.graph import GraphClient
+from relay.config.schema import AuthObjectConfig
+from relay.core.errors import PermanentDeliveryError, TransientDeliveryError
+from relay.graph.client import GraphClient
 
 GRAPH = "https://graph.example.test"
 MIME = b"From: a@contoso.com\r\nTo: b@contoso.com\r\nSubject: hi\r\n\r\nbody\r\n"

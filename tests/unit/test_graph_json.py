@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.mime.graph_json import (
+from relay.core.message.graph_json import (
     MAX_REQUEST_BYTES,
     CannotConvertError,
     GraphJsonTooLargeError,

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from relay.logs import setup_logging
+from relay.ops.logs import setup_logging
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ from email.utils import getaddresses
 
 import pytest
 
-from relay.errors import RelayError
-from relay.message import (
+from relay.core.errors import RelayError
+from relay.core.message.headers import decode_header_text, split_message
+from relay.core.message.prepare import (
     AddressItem,
     Envelope,
     PreparedMessage,
@@ -22,7 +23,6 @@ from relay.message import (
     reconcile_recipients,
     trace_protocol,
 )
-from relay.mime.headers import decode_header_text, split_message
 
 NOW = datetime(2024, 3, 5, 14, 30, 7, tzinfo=timezone(timedelta(hours=1)))
 NOW_TEXT = "Tue, 05 Mar 2024 14:30:07 +0100"

@@ -14,7 +14,11 @@ from email.utils import getaddresses
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from relay.message import UnparseableMessageError, parse_address_list, reconcile_recipients
+from relay.core.message.prepare import (
+    UnparseableMessageError,
+    parse_address_list,
+    reconcile_recipients,
+)
 
 RECIPIENT_FIELDS = {"to", "cc", "bcc"}
 LOCALS = ["alice", "bob", "carol", "x.y", "o'neil", "first+tag", "jörg"]

@@ -12,10 +12,17 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.attempts import GraphAttempts
-from relay.config import AuthObjectConfig, Config, parse_config
-from relay.errors import DeliveryError, PermanentDeliveryError, SmtpReply, TransientDeliveryError
-from relay.metrics import (
+from relay.config.load import parse_config
+from relay.config.schema import AuthObjectConfig, Config
+from relay.core.errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    SmtpReply,
+    TransientDeliveryError,
+)
+from relay.core.values import EntryMeta
+from relay.delivery.attempt import GraphAttempts
+from relay.ops.metrics import (
     MAX_ERROR_CODES,
     NULL_METRICS,
     ErrorReport,
@@ -23,7 +30,7 @@ from relay.metrics import (
     NullMetrics,
     RelayMetrics,
 )
-from relay.spool import EntryMeta, SpoolStats, SpoolUnavailableError
+from relay.store.files.spool import SpoolStats, SpoolUnavailableError
 
 P = "smtp_graph_relay_"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.mime.limits import (
+from relay.core.message.limits import (
     AMBIGUOUS_END_OF_DATA,
     BARE_CR_IN_HEADER,
     MESSAGE_TOO_BIG,

@@ -12,7 +12,7 @@ from email.policy import compat32
 
 import pytest
 
-from relay.mime.split import BigAttachment, iter_decoded, split_message
+from relay.core.message.split import BigAttachment, iter_decoded, split_message
 
 THRESHOLD = 1000  # small enough to keep the test data small
 

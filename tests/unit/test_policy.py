@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from relay.config import ClientConfig, RouteConfig
-from relay.errors import PolicyError
-from relay.policy import (
+from relay.config.schema import ClientConfig, RouteConfig
+from relay.core.errors import PolicyError
+from relay.core.policy import (
     check_authors,
     check_envelope_sender,
     check_recipient,
@@ -14,8 +14,8 @@ from relay.policy import (
     effective_sender,
     identify_client,
     matches_any,
-    route_index,
 )
+from relay.core.values import route_index
 
 PRINTERS = ClientConfig.model_validate(
     {"name": "printers", "networks": ["10.0.5.0/24"], "senders": ["scanner@contoso.com"]}

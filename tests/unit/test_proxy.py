@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import Config, parse_config
-from relay.errors import ConfigError
-from relay.proxy import ProxyHeader, ProxyHeaderError, client_endpoint, is_trusted_proxy
+from relay.config.load import parse_config
+from relay.config.schema import Config
+from relay.core.errors import ConfigError
+from relay.smtp.proxy import ProxyHeader, ProxyHeaderError, client_endpoint, is_trusted_proxy
 
 BALANCERS = [ipaddress.ip_network("10.0.0.0/29"), ipaddress.ip_network("2001:db8::/64")]
 PEER = ("10.0.0.1", 51000)

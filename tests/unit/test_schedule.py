@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.schedule import Backoff, is_expired, next_attempt_at
+from relay.core.schedule import Backoff, is_expired, next_attempt_at
 
 BACKOFF = Backoff(first=60.0, max=3600.0, lifetime=5 * 86400.0)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.systemd import MAX_STATUS_BYTES, SystemdNotifier, run_watchdog
+from relay.ops.systemd import MAX_STATUS_BYTES, SystemdNotifier, run_watchdog
 
 WAIT = 5.0  # upper bound for anything that should happen at once; never reached when green
 FAST_WATCHDOG_USEC = "20000"  # WatchdogSec=20ms: a ping every 10 ms

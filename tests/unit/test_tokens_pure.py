@@ -13,10 +13,10 @@ import pytest
 import requests
 from msal.exceptions import MsalServiceError
 
-from relay.aadsts import aadsts_code, error_from_exception, error_from_result, remedy_for
-from relay.errors import TransientDeliveryError
-from relay.tokens import MAIL_SEND_MISSING, decode_jwt_payload, token_claims
-from relay.transport import proxy_for, ssl_context_for
+from relay.core.errors import TransientDeliveryError
+from relay.graph.aadsts import aadsts_code, error_from_exception, error_from_result, remedy_for
+from relay.graph.tokens import MAIL_SEND_MISSING, decode_jwt_payload, token_claims
+from relay.graph.transport import proxy_for, ssl_context_for
 from tests.certificates import self_signed
 
 SECRET = "Zx8Q~very.secret.value~000"

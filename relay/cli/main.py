@@ -1,0 +1,294 @@
+"""Command line: `smtp-graph-relay SUBCOMMAND` (DESIGN §4).
+
+Why this module exists: it is how administrators set up, test and run the relay. Each
+subcommand is a function returning an exit code; `main(argv)` never calls `sys.exit`, so tests
+drive it like any other function.
+
+Exit codes: 0 success, 1 failure (invalid config, token or test mail refused), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime
+from pathlib import Path
+from typing import TextIO
+
+from relay import __version__
+from relay.config.load import load_config
+from relay.config.schema import ClientCertificate, Config
+from relay.core.errors import ConfigError, DeliveryError, PolicyError
+from relay.core.message.prepare import Envelope, TraceInfo, prepare_for_graph
+from relay.core.policy import choose_route
+from relay.ops.logs import setup_logging
+from relay.service import RelayService, serve_until_stopped
+
+__all__ = ["entry_point", "main"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def entry_point() -> None:
+    """Console-script entry point."""
+    sys.exit(main(sys.argv[1:]))
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    """Run one subcommand and return its exit code."""
+    stdout = out or sys.stdout
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        return EXIT_USAGE
+    if args.command == "sandbox":
+        from relay.cli.sandbox import run_sandbox_command
+
+        return run_sandbox_command(port=args.port, mail_dir=args.mail_dir, out=stdout)
+    if args.command == "hash-password":
+        from relay.smtp.passwords import hash_password_command
+
+        return hash_password_command(use_stdin=args.stdin, out=stdout)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_FAILURE
+    if args.command == "check-config":
+        print_routing_table(config, args.config, stdout)
+        return EXIT_OK
+    setup_logging(config.logging.level, config.logging.format)
+    if args.command == "serve":
+        return asyncio.run(serve_until_stopped(args.config, config))
+    if args.command == "test-auth":
+        return asyncio.run(test_auth(config, args.name, stdout))
+    if args.command == "test-mail":
+        return asyncio.run(test_mail(config, args.sender, args.recipient, stdout))
+    if args.command == "queue":
+        from relay.cli.queue import run_queue_command
+
+        return run_queue_command(config, args.action, args.queue_id, args.dead, stdout)
+    return EXIT_USAGE  # pragma: no cover - argparse restricts the choices
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smtp-graph-relay",
+        description="Accept plain SMTP and deliver it through Microsoft Graph sendMail.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("-c", "--config", required=True, type=Path, help="YAML configuration")
+        return sub
+
+    with_config("serve", "run the relay in the foreground")
+    with_config("check-config", "validate the configuration and print the routing table")
+    auth = with_config("test-auth", "get a token for each auth object and explain failures")
+    auth.add_argument("name", nargs="?", help="only this auth object")
+    mail = with_config("test-mail", "send one test message through the configured route")
+    mail.add_argument("--from", dest="sender", required=True, help="sender address")
+    mail.add_argument("--to", dest="recipient", required=True, help="recipient address")
+    queue = with_config("queue", "list and operate on the spool (works while the relay runs)")
+    queue.add_argument("action", choices=["list", "show", "retry", "delete", "purge"])
+    queue.add_argument("queue_id", nargs="?", help="the message's queue id (show, retry, delete)")
+    queue.add_argument(
+        "--dead", action="store_true", help="list: dead letters; purge: required, purges them"
+    )
+    sandbox = commands.add_parser(
+        "sandbox",
+        help="try the relay against a local stand-in for Microsoft 365 (no tenant needed)",
+    )
+    sandbox.add_argument("--port", type=int, default=2525, help="SMTP port (default 2525)")
+    sandbox.add_argument(
+        "--mail-dir",
+        type=Path,
+        default=Path("sandbox-mail"),
+        help="where the messages Graph received are written (default ./sandbox-mail)",
+    )
+    hashing = commands.add_parser(
+        "hash-password",
+        help="print an argon2id hash of a password for clients[].password_hash",
+        description="Read a password (twice, without echo; or one line from standard input) "
+        "and print only its argon2id hash, for clients[].password_hash.",
+    )
+    hashing.add_argument(
+        "--stdin",
+        action="store_true",
+        help="read the password, one line, from standard input (no prompt); "
+        "implied when standard input is not a terminal",
+    )
+    return parser
+
+
+# --- check-config --------------------------------------------------------------------------
+
+
+def print_routing_table(config: Config, source: Path, out: TextIO) -> None:
+    """The effective configuration, without any secret."""
+    smtp = config.smtp
+    w = out.write
+    w(f"Configuration {source} is valid.\n\nSMTP ({smtp.hostname})\n")
+    for listener in smtp.listeners:
+        where = f"{listener.address}:{listener.port}"
+        w(f"  listen {where}  tls={listener.tls}  auth={listener.auth}\n")
+    w(
+        f"  max message size {smtp.max_message_size} bytes, max recipients "
+        f"{smtp.max_recipients}, max connections {smtp.max_connections} "
+        f"({smtp.max_connections_per_client} per client)\n"
+    )
+    w(
+        "\nClients (by AUTH username, else first match on the connecting address; "
+        "no match: 550 5.7.1)\n"
+    )
+    for client in config.clients:
+        networks = ", ".join(str(n) for n in client.networks)
+        recipients = ", ".join(client.recipients) if client.recipients is not None else "any"
+        if client.username is None:
+            w(f"  {client.name}: from {networks}\n")
+        else:
+            where = f"from {networks}" if networks else "from any address"
+            w(f"  {client.name}: AUTH as {client.username}, {where}\n")
+        w(f"      may send as {', '.join(client.senders)}; to {recipients}\n")
+    w("\nAuth objects\n")
+    for name, auth in config.auth_objects.items():
+        w(f"  {name}: tenant {auth.tenant_id}, client {auth.client_id}\n")
+        w(f"      credential: {_credential_source(config, name)}\n")
+        w(f"      authority {auth.authority_url}\n      graph {auth.graph_base_url}\n")
+        w(f"      scope {auth.effective_scope}\n")
+        if auth.proxy:
+            w(f"      proxy {auth.proxy}\n")
+    w("\nRoutes (first match on the sender wins)\n")
+    for index, route in enumerate(config.routes):
+        mailbox = "the sender's own mailbox" if route.mailbox == "sender" else route.mailbox
+        w(f"  routes[{index}] {', '.join(route.senders)} -> {route.auth_object}, {mailbox}\n")
+    delivery = config.delivery
+    w(
+        f"\nDelivery: mode {delivery.mode}, Graph must answer within "
+        f"{delivery.inline_timeout:g}s, large messages: {delivery.large_messages}\n"
+    )
+
+
+def _credential_source(config: Config, name: str) -> str:
+    auth = config.auth_objects[name]
+    credential = auth.credential
+    if isinstance(credential, ClientCertificate):
+        return (
+            f"certificate {auth.certificate_file} (SHA-1 thumbprint {credential.thumbprint_sha1},"
+            f" expires {credential.not_after:%Y-%m-%d})"
+        )
+    if auth.client_secret_file is not None:
+        return f"client secret from file {auth.client_secret_file}"
+    if auth.client_secret_env is not None:
+        return f"client secret from ${auth.client_secret_env}"
+    return "client secret inline in the configuration (prefer client_secret_file)"
+
+
+# --- test-auth -----------------------------------------------------------------------------
+
+
+async def test_auth(config: Config, only: str | None, out: TextIO) -> int:
+    """Acquire a token per auth object; explain each failure with the setup step that fixes it."""
+    names = [only] if only else list(config.auth_objects)
+    unknown = [n for n in names if n not in config.auth_objects]
+    if unknown:
+        known = ", ".join(config.auth_objects)
+        print(f"unknown auth object {unknown[0]!r}; defined: {known}", file=sys.stderr)
+        return EXIT_USAGE
+    service = RelayService(config)
+    failures = 0
+    try:
+        for name in names:
+            check = await service.tokens.check(name)
+            roles = ", ".join(check.claims.roles) if check.claims else ""
+            if check.ok:
+                out.write(f"OK    {name}: token acquired; application roles: {roles}\n")
+                continue
+            failures += 1
+            if check.token_acquired:
+                out.write(f"FAIL  {name}: token acquired, roles: {roles or 'none'}\n")
+            else:
+                out.write(f"FAIL  {name}: {check.code or 'error'}: {check.description}\n")
+            for problem in check.problems:
+                out.write(f"      problem: {problem}\n")
+            if check.remedy:
+                out.write(f"      fix: {check.remedy}\n")
+    finally:
+        await service.graph.close()
+        service.tokens.close()
+    return EXIT_OK if failures == 0 else EXIT_FAILURE
+
+
+# --- test-mail -----------------------------------------------------------------------------
+
+
+async def test_mail(config: Config, sender: str, recipient: str, out: TextIO) -> int:
+    """Send one test message through the route the sender maps to."""
+    try:
+        route = choose_route(config.routes, sender)
+    except PolicyError as exc:
+        out.write(f"FAIL  {exc.reply.text}\n")
+        return EXIT_FAILURE
+    now = datetime.now(UTC)
+    host = socket.gethostname()
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = recipient
+    message["Subject"] = "smtp-graph-relay test message"
+    message["Date"] = format_datetime(now)
+    message.set_content(
+        f"This is a test message from smtp-graph-relay {__version__} on {host}.\n"
+        f"Route: {route.name}, auth object {route.auth_object}, mailbox {route.mailbox}.\n"
+    )
+    queue_id = f"TEST{now:%Y%m%d%H%M%S}"
+    prepared = prepare_for_graph(
+        message.as_bytes(policy=message.policy.clone(linesep="\r\n")),
+        Envelope(mail_from=sender, recipients=(recipient,)),
+        TraceInfo(
+            relay_hostname=config.smtp.hostname,
+            client_ip="127.0.0.1",
+            client_hostname="localhost",
+            helo=host,
+            protocol="ESMTP",
+            queue_id=queue_id,
+            now=now,
+        ),
+        message_id_local=queue_id,
+    )
+    service = RelayService(config)
+    auth = config.auth_objects[route.auth_object]
+    try:
+        result = await service.graph.send_mime(
+            auth,
+            route.auth_object,
+            route.mailbox,
+            prepared.mime,
+            client_request_id=str(uuid.uuid4()),
+        )
+    except DeliveryError as failure:
+        out.write(f"FAIL  {failure.describe()}\n")
+        if failure.remedy:
+            out.write(f"      fix: {failure.remedy}\n")
+        return EXIT_FAILURE
+    finally:
+        await service.graph.close()
+        service.tokens.close()
+    out.write(
+        f"OK    Microsoft 365 accepted the message for {recipient} from mailbox {route.mailbox} "
+        f"(HTTP {result.status}, request-id {result.request_id})\n"
+    )
+    return EXIT_OK

@@ -1,0 +1,190 @@
+"""The values that travel down the pipeline: SMTP session -> policy -> store -> delivery -> Graph.
+
+Why this module exists: each stage hands the next one of these frozen values and nothing else, so
+no stage imports another for a data type (imports point down the flow, DESIGN §2). Pure: the
+standard library and the rest of the core only.
+
+- `Route`: the outbound setup policy chose for a message (auth object and mailbox).
+- `Submission`: a message that passed policy, ready for the delivery engine.
+- `EntryMeta`: a stored message's envelope and delivery state, as every store keeps it.
+- `SendTarget`: the auth object and mailbox one Graph request sends as.
+- `Delivered` / `Outcome`: what one attempt to hand a message to Graph came to.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FORMAT_VERSION",
+    "QUEUE_ID_PATTERN",
+    "QUEUE_ID_RE",
+    "Delivered",
+    "EntryMeta",
+    "Outcome",
+    "Route",
+    "SendTarget",
+    "State",
+    "Submission",
+    "check_queue_id",
+    "route_index",
+]
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Final, Literal
+
+from relay.config.schema import AuthObjectConfig
+from relay.core.errors import DeliveryError
+from relay.core.message.prepare import PreparedMessage
+
+State = Literal["queue", "active", "dead", "quarantine", "corrupt"]
+FORMAT_VERSION: Final = 2
+# Version 1 entries (before `sender` and `sha256`) are read with both empty: routed by mail_from,
+# and their message not checked against a digest.
+_V1_DEFAULTS: Final[dict[str, str]] = {"sender": "", "sha256": ""}
+QUEUE_ID_PATTERN: Final = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}"
+QUEUE_ID_RE: Final = re.compile(QUEUE_ID_PATTERN)
+_SCHEMA: Final[dict[str, type]] = {
+    "queue_id": str, "created": float, "mail_from": str, "recipients": list, "client": str,
+    "client_ip": str, "auth_object": str, "mailbox": str, "route": str, "message_id": str,
+    "size": int, "attempts": int, "next_attempt": float, "last_error": str, "crashes": int,
+    "is_bounce": bool, "dead_reason": str, "sender": str, "sha256": str,
+}  # fmt: skip
+
+
+def check_queue_id(queue_id: str) -> str:
+    """Return `queue_id` if it is safe as a file name, else raise ValueError (path traversal)."""
+    if not isinstance(queue_id, str) or not QUEUE_ID_RE.fullmatch(queue_id):
+        raise ValueError(f"invalid queue id {queue_id!r}: want {QUEUE_ID_PATTERN}")
+    return queue_id
+
+
+@dataclass(frozen=True, slots=True)
+class EntryMeta:
+    """A spooled message's envelope and delivery state. Times are wall-clock seconds."""
+
+    queue_id: str
+    created: float
+    mail_from: str  # "" is the null sender <>
+    recipients: tuple[str, ...]
+    client: str
+    client_ip: str
+    auth_object: str
+    mailbox: str
+    route: str
+    message_id: str
+    size: int
+    attempts: int = 0
+    next_attempt: float = 0.0  # 0 = now
+    last_error: str = ""
+    crashes: int = 0
+    is_bounce: bool = False  # a DSN we generated: never bounce it
+    dead_reason: str = ""
+    # The address routes are resolved by at each attempt: MAIL FROM, or the header From for <>.
+    # "" (version 1 entries): use mail_from.
+    sender: str = ""
+    sha256: str = ""  # hex digest of the stored message; "" = not recorded (version 1)
+
+    def __post_init__(self) -> None:
+        check_queue_id(self.queue_id)
+        if not self.recipients:
+            raise ValueError("an entry needs at least one recipient")
+        if min(self.size, self.attempts, self.crashes) < 0:
+            raise ValueError("size, attempts and crashes cannot be negative")
+        if not (math.isfinite(self.created) and math.isfinite(self.next_attempt)):
+            raise ValueError("created and next_attempt must be finite")
+
+    def to_json(self) -> bytes:
+        """ASCII JSON (lone surrogates from 8-bit headers survive as escapes) with a version."""
+        body = {"version": FORMAT_VERSION, **asdict(self)}
+        return json.dumps(body, ensure_ascii=True, allow_nan=False, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> EntryMeta:
+        """Parse `to_json` output; ValueError on anything else (version, keys, types, values)."""
+        try:
+            body = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+        except RecursionError as exc:
+            raise ValueError("metadata nested too deeply") from exc
+        if not isinstance(body, dict):
+            raise ValueError("metadata is not a JSON object")
+        version = body.pop("version", None)
+        if type(version) is not int or version not in (1, FORMAT_VERSION):
+            raise ValueError(f"unsupported metadata version {version!r}")
+        if version == 1:
+            if body.keys() & _V1_DEFAULTS.keys():
+                raise ValueError("version 1 metadata cannot have sender or sha256")
+            body.update(_V1_DEFAULTS)
+        if body.keys() != _SCHEMA.keys():
+            raise ValueError(f"metadata keys differ: {sorted(body.keys() ^ _SCHEMA.keys())}")
+        values: dict[str, Any] = {}
+        for key, kind in _SCHEMA.items():
+            value = body[key]
+            if kind is float and type(value) is int:
+                value = float(value)
+            if type(value) is not kind:
+                raise ValueError(f"metadata field {key!r} must be {kind.__name__}")
+            values[key] = value
+        if not all(type(r) is str for r in values["recipients"]):
+            raise ValueError("metadata field 'recipients' must hold strings")
+        values["recipients"] = tuple(values["recipients"])
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The resolved outbound setup for one message."""
+
+    index: int
+    auth_object: str
+    mailbox: str
+
+    @property
+    def name(self) -> str:
+        return f"routes[{self.index}]"
+
+
+def route_index(name: str) -> int | None:
+    """The index in `routes` of a route `name` as `Route.name` writes it, else None."""
+    match = re.fullmatch(r"routes\[(\d+)\]", name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A message that passed policy, ready for the delivery engine."""
+
+    queue_id: str
+    client: str
+    client_ip: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    route: Route
+    message: PreparedMessage
+    # What the route was chosen by: MAIL FROM, or the header From for a null reverse-path.
+    sender: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    status: int
+    request_id: str | None
+    duration_ms: int
+
+
+Outcome = Delivered | DeliveryError
+
+
+@dataclass(frozen=True, slots=True)
+class SendTarget:
+    """Where and as whom one Graph request sends: the auth object and the mailbox."""
+
+    auth_name: str
+    auth: AuthObjectConfig
+    mailbox: str
+    client_request_id: str
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in metadata")

@@ -1,0 +1,193 @@
+"""The `Store` protocol: everything the delivery engine and the operator tools may ask of a queue.
+
+Why this module exists: the delivery engine (`relay.delivery`) must work the same on the embedded
+file spool (`relay.store.files`) and on a queue shared by several relays (PostgreSQL, DESIGN §6).
+So it talks to this protocol and to nothing beyond it, and every implementation passes one
+contract test suite (`tests/store/contract.py`). A new backend plugs in without touching
+`relay.delivery`.
+
+Theory of operation
+-------------------
+An entry (`relay.core.values.EntryMeta`) is in exactly one state at every instant:
+
+    queue       waiting; due when next_attempt <= now (0 = now)
+    active      claimed by one attempt of one relay; nobody else may claim it
+    dead        given up (permanent failure, expired): kept for the operator with its reason
+    quarantine  its handling crashed the relay CRASH_LIMIT times: kept for the operator
+    corrupt     unreadable or mismatching (size, SHA-256): set aside, never delivered
+
+The moves, each atomic and durable before the call returns:
+
+    put(claimed=False)   -> queue      the commit point: a 250 may follow it, never precede it
+    put(claimed=True)    -> active     hybrid mode's inline attempt owns it from the start
+    claim                queue -> active, only if still queued (a lost race returns None)
+    complete             active -> gone (delivered)
+    defer                active -> queue, with the new attempts / next_attempt / last_error
+    bury                 active -> dead, with the reason
+    quarantine           active -> quarantine, with the reason
+    release              active -> queue unchanged (shutdown interrupted the attempt; no crash)
+    discard              any -> gone (hybrid: the waiting client was told the 5xx itself)
+    retry (operator)     dead | quarantine | queue -> queue, due now
+    delete (operator)    any but active -> gone
+    recover (at start)   active entries left by a dead process -> queue with crashes+1, or
+                         quarantine once crashes reaches CRASH_LIMIT
+
+Errors: a store that cannot take or record something raises `StoreUnavailableError` (the SMTP
+layer answers 451 4.3.0, the engine keeps an unrecorded outcome and retries it); an operation on
+an entry that is not where it needs to be raises `EntryNotFoundError`. Nothing else escapes.
+
+`due` is a hint, not a claim: it lists candidates in order; the caller claims each one it can
+start, and a concurrent claimer (another worker, another relay, the CLI) simply wins the race.
+`refresh` picks up what other processes changed (the file store rescans its directories, a
+database store has nothing to do); `stats` must be cheap enough for every /metrics scrape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from relay.core.errors import RelayError
+from relay.core.values import EntryMeta, State
+
+__all__ = [
+    "EntryNotFoundError",
+    "MailboxKey",
+    "RecoveryReport",
+    "Store",
+    "StoreError",
+    "StoreStats",
+    "StoreUnavailableError",
+]
+
+# (auth object name, mailbox casefolded): the unit Graph counts concurrency and budgets in.
+MailboxKey = tuple[str, str]
+
+
+class StoreError(RelayError):
+    """The store could not do what was asked."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store cannot take or record anything now (read-only, full, I/O error, database down):
+    answer 451 4.3.0 to a client, keep an outcome and try to record it again."""
+
+
+class EntryNotFoundError(StoreError):
+    """The entry is not where the operation needs it (e.g. not active)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What `recover` found at start."""
+
+    requeued: int
+    quarantined: int
+    corrupt: int
+    orphans_removed: int
+    temp_removed: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Counts per state, kept up to date incrementally (never a scan per call)."""
+
+    queued: int
+    active: int
+    dead: int
+    quarantined: int
+    corrupt: int
+    oldest_created: float | None  # oldest undelivered entry (queue and active)
+    due: int = 0  # queued entries with next_attempt <= now
+
+
+class Store(Protocol):
+    """A durable queue of messages; see the module docstring for the states and moves."""
+
+    async def recover(self) -> RecoveryReport:
+        """Open the store for this relay and recover what a dead process left. Once, at start,
+        before any listener accepts mail."""
+        ...
+
+    async def close(self) -> None:
+        """Release what `recover` took (locks, connections)."""
+        ...
+
+    async def put(self, entry: EntryMeta, message: bytes, *, claimed: bool = False) -> None:
+        """Store a new message durably (the commit point). Raises StoreUnavailableError."""
+        ...
+
+    async def due(
+        self, now: float, limit: int, exclude: Collection[MailboxKey] = ()
+    ) -> Sequence[EntryMeta]:
+        """Up to `limit` queued entries with next_attempt <= now, earliest first, leaving out
+        the mailboxes in `exclude` (busy or paused). A hint: claim each before using it."""
+        ...
+
+    async def next_due(self) -> float | None:
+        """The earliest next_attempt of any queued entry, None when nothing is queued."""
+        ...
+
+    async def claim(self, queue_id: str) -> EntryMeta | None:
+        """queue -> active; None when it is no longer queued (claimed, deleted, set aside)."""
+        ...
+
+    async def read_message(self, queue_id: str) -> bytes:
+        """The message as stored; a mismatch with its recorded size or SHA-256 sets the entry
+        aside as corrupt and raises EntryNotFoundError."""
+        ...
+
+    async def complete(self, queue_id: str) -> None:
+        """Delivered: active -> gone."""
+        ...
+
+    async def defer(self, entry: EntryMeta) -> None:
+        """active -> queue with `entry`'s attempts, next_attempt, last_error and crashes."""
+        ...
+
+    async def bury(self, entry: EntryMeta, reason: str) -> None:
+        """active -> dead with `reason`; the message stays for the operator."""
+        ...
+
+    async def quarantine(self, entry: EntryMeta, reason: str) -> None:
+        """active -> quarantine with `reason`; the message stays for the operator."""
+        ...
+
+    async def release(self, queue_id: str) -> None:
+        """active -> queue unchanged: shutdown interrupted the attempt, not counted as a crash."""
+        ...
+
+    async def discard(self, queue_id: str) -> None:
+        """Remove the entry in any state; no-op when it is gone."""
+        ...
+
+    async def refresh(self) -> None:
+        """Take in what other processes (the queue CLI, other relays) changed."""
+        ...
+
+    async def stats(self, now: float) -> StoreStats:
+        """Counts per state; cheap (no scan)."""
+        ...
+
+    # --- operator commands (the `queue` CLI), safe while relays run --------------------------
+
+    async def list(self, state: State) -> Sequence[EntryMeta]:
+        """Every entry in `state`, oldest first."""
+        ...
+
+    async def find(self, queue_id: str) -> tuple[State, EntryMeta] | None:
+        """Where the entry is, and its envelope; None when absent or corrupt."""
+        ...
+
+    async def retry(self, queue_id: str) -> bool:
+        """dead | quarantine | queue -> queue, due now; False when absent or active."""
+        ...
+
+    async def delete(self, queue_id: str) -> bool:
+        """Remove the entry from any state but active; False when there is none."""
+        ...
+
+    async def purge(self, state: State) -> int:
+        """Delete every entry in `state` (never active); the number deleted."""
+        ...
