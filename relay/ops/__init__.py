@@ -1,0 +1,1 @@
+"""Operations: the admin endpoint (health, metrics, status page), logging and systemd."""

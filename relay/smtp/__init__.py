@@ -1,0 +1,1 @@
+"""The SMTP shell: aiosmtpd sessions, the handler that turns decisions into replies, AUTH."""

@@ -1,0 +1,1 @@
+"""Stores: the durable queue behind every 250, as the `Store` protocol and its implementations."""
