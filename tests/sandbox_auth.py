@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from relay.config.load import parse_auth_object
 from relay.config.schema import AuthObjectConfig
 from relay.sandbox import Sandbox
 
@@ -34,4 +35,4 @@ def auth_for(sandbox: Sandbox, base_dir: Path, **overrides: Any) -> AuthObjectCo
         **overrides,
     }
     data = {key: value for key, value in data.items() if value is not None}
-    return AuthObjectConfig.model_validate(data, context={"environ": {}, "base_dir": base_dir})
+    return parse_auth_object(data, name="contoso", base_dir=base_dir, environ={})

@@ -1,13 +1,27 @@
 """Read the YAML file and make it a validated `Config`, or a `ConfigError` naming each problem.
 
-Why this module exists: the YAML text, duplicate keys and the checks that span sections are the
-loading step's business, not the models'. `relay.config.schema` holds what a valid configuration
-*is*; this module is how a file becomes one (DESIGN §3).
+Why this module exists: the YAML text, duplicate keys, the checks that span sections and every
+read of the world around the file are the loading step's business, not the models'.
+`relay.config.schema` holds what a valid configuration *is*; this module is how a file becomes
+one (DESIGN §3), in this order:
+
+1. YAML with duplicate keys refused;
+2. `${CREDENTIALS_DIRECTORY}/` expanded in credential paths (`relay.config.credentials`);
+3. the pure models validated;
+4. the I/O: credentials read, TLS files and CA bundles loaded (`relay.config.tls`), relative
+   paths made absolute against the config file's folder, the default `smtp.hostname` taken from
+   this host's name;
+5. the cross references checked.
+
+Problems from every step are reported together, each at its key path. When the models are
+invalid, the auth objects and TLS files that are valid on their own are still read, so one run
+of `check-config` shows every mistake.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,11 +29,13 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from relay.config.credentials import expand_credential_paths, resolve_auth_object
 from relay.config.problems import problem_from_pydantic
-from relay.config.schema import Config
+from relay.config.schema import AuthObjectConfig, Config, TlsFilesConfig
+from relay.config.tls import absolute, check_server_certificate
 from relay.core.errors import ConfigError, ConfigProblem
 
-__all__ = ["load_config", "parse_config"]
+__all__ = ["load_config", "parse_auth_object", "parse_config"]
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -83,20 +99,102 @@ def parse_config(
         raise ConfigError(
             [ConfigProblem("", "the file must be a YAML mapping (key: value)", "")], source
         )
-    context = {
-        "environ": os.environ if environ is None else environ,
-        "base_dir": base_dir or Path.cwd(),
-    }
+    environ = os.environ if environ is None else environ
+    base_dir = base_dir or Path.cwd()
+    data, problems, unexpanded = expand_credential_paths(data, environ)
     try:
-        config = Config.model_validate(data, context=context)
+        config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(
-            [problem_from_pydantic(err) for err in exc.errors(include_input=False)], source
-        ) from None
-    problems = _cross_references(config)
+        problems += [problem_from_pydantic(err) for err in exc.errors(include_input=False)]
+        problems += _files_of_valid_parts(data, unexpanded, environ, base_dir)
+        raise ConfigError(problems, source) from None
+    config, file_problems = _read_files(config, unexpanded, environ, base_dir)
+    problems += file_problems + _cross_references(config)
     if problems:
         raise ConfigError(problems, source)
     return config
+
+
+def parse_auth_object(
+    data: Mapping[str, Any],
+    *,
+    name: str = "auth",
+    base_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> AuthObjectConfig:
+    """One auth object, read exactly as `parse_config` reads `auth_objects.NAME`: for tools and
+    tests that need one app registration without a whole file. Raises ConfigError."""
+    environ = os.environ if environ is None else environ
+    base_dir = base_dir or Path.cwd()
+    expanded, problems, _ = expand_credential_paths({"auth_objects": {name: data}}, environ)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        auth = AuthObjectConfig.model_validate(expanded["auth_objects"][name])
+    except ValidationError as exc:
+        raise ConfigError(
+            [problem_from_pydantic(err) for err in exc.errors(include_input=False)]
+        ) from None
+    auth, problems = resolve_auth_object(name, auth, environ=environ, base_dir=base_dir)
+    if problems:
+        raise ConfigError(problems)
+    return auth
+
+
+def _read_files(
+    config: Config, skip: set[str], environ: Mapping[str, str], base_dir: Path
+) -> tuple[Config, list[ConfigProblem]]:
+    """`config` with its credentials read, its files checked and its paths absolute."""
+    problems: list[ConfigProblem] = []
+    auth_objects: dict[str, AuthObjectConfig] = {}
+    for name, auth in config.auth_objects.items():
+        if name not in skip:
+            auth, found = resolve_auth_object(name, auth, environ=environ, base_dir=base_dir)
+            problems += found
+        auth_objects[name] = auth
+    smtp = config.smtp
+    if smtp.tls is not None:
+        try:
+            smtp = smtp.model_copy(update={"tls": check_server_certificate(smtp.tls, base_dir)})
+        except ValueError as exc:
+            problems.append(ConfigProblem("smtp.tls", str(exc)))
+    if not smtp.hostname:
+        smtp = smtp.model_copy(update={"hostname": socket.getfqdn()})
+    delivery = config.delivery.model_copy(
+        update={"spool_dir": absolute(config.delivery.spool_dir, base_dir)}
+    )
+    resolved = config.model_copy(
+        update={"auth_objects": auth_objects, "smtp": smtp, "delivery": delivery}
+    )
+    return resolved, problems
+
+
+def _files_of_valid_parts(
+    data: Mapping[str, Any], skip: set[str], environ: Mapping[str, str], base_dir: Path
+) -> list[ConfigProblem]:
+    """The file problems of the auth objects and TLS files that are valid on their own, for a
+    configuration whose models are not: one run then reports every mistake."""
+    problems: list[ConfigProblem] = []
+    auth_objects = data.get("auth_objects")
+    if isinstance(auth_objects, Mapping):
+        for name, raw in auth_objects.items():
+            if str(name) in skip:
+                continue
+            try:
+                auth = AuthObjectConfig.model_validate(raw)
+            except ValidationError:
+                continue  # already reported at its keys
+            problems += resolve_auth_object(str(name), auth, environ=environ, base_dir=base_dir)[1]
+    smtp = data.get("smtp")
+    raw_tls = smtp.get("tls") if isinstance(smtp, Mapping) else None
+    if raw_tls is not None:
+        try:
+            check_server_certificate(TlsFilesConfig.model_validate(raw_tls), base_dir)
+        except ValidationError:
+            pass  # already reported at its keys
+        except ValueError as exc:
+            problems.append(ConfigProblem("smtp.tls", str(exc)))
+    return problems
 
 
 def _cross_references(config: Config) -> list[ConfigProblem]:

@@ -20,10 +20,13 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
 
-from relay.config.schema import ClientConfig, RouteConfig
 from relay.core.errors import PolicyError, SmtpReply
 from relay.core.values import Route
+
+if TYPE_CHECKING:  # annotations only: pydantic loads socket (importlib.metadata, email)
+    from relay.config.schema import ClientConfig, RouteConfig
 
 __all__ = [
     "check_authors",

@@ -32,11 +32,13 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-from relay.config.schema import AuthObjectConfig
 from relay.core.errors import DeliveryError
 from relay.core.message.prepare import PreparedMessage
+
+if TYPE_CHECKING:  # annotations only: pydantic loads socket (importlib.metadata, email)
+    from relay.config.schema import AuthObjectConfig
 
 State = Literal["queue", "active", "dead", "quarantine", "corrupt"]
 FORMAT_VERSION: Final = 2
