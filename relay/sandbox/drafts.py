@@ -157,6 +157,7 @@ class DraftService:
             save_to_sent_items=True,
             received_at=self._backend.clock(),
             subject=submission.subject,
+            client_request_id=request.headers.get("client-request-id"),
             attachments=tuple(item for item, _ in draft.attachments),
         )
         if self._mail_dir is not None:

@@ -120,6 +120,7 @@ class GraphService:
             save_to_sent_items=submission.save_to_sent_items,
             received_at=self._backend.clock(),
             subject=submission.subject,
+            client_request_id=request.headers.get("client-request-id"),
         )
         if self._mail_dir is not None:
             await self._mail_dir.add(mail)

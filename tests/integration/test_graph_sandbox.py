@@ -16,7 +16,7 @@ from relay.core.errors import DeliveryError, PermanentDeliveryError, TransientDe
 from relay.graph.client import GraphClient, SendResult
 from relay.graph.tokens import TokenProvider
 from relay.sandbox import ABORT, Sandbox
-from tests.sandbox_auth import CLIENT, SECRET, TENANT, auth_for
+from tests.sandbox_auth import CLIENT, SECRET, TENANT, auth_for, target_for
 
 MAILBOX = "scanner@contoso.com"
 
@@ -40,10 +40,8 @@ class Rig:
     graph: GraphClient
 
     async def send(self, mailbox: str = MAILBOX, mime: bytes | None = None) -> Any:
-        return await self.graph.send_mime(
-            self.auth, "contoso", mailbox, _mime() if mime is None else mime,
-            client_request_id="3f2504e0-4f89-11d3-9a0c-0305e82c3301",
-        )  # fmt: skip
+        target = target_for(self.auth, mailbox, "3f2504e0-4f89-11d3-9a0c-0305e82c3301")
+        return await self.graph.send_mime(target, _mime() if mime is None else mime)
 
 
 @asynccontextmanager
@@ -65,7 +63,7 @@ async def _clients(
 async def _send_once(auth: AuthObjectConfig, **timeouts: float) -> SendResult:
     """Send the default message as MAILBOX through clients made for this one call."""
     async with _clients(auth, **timeouts) as (_, graph):
-        return await graph.send_mime(auth, "contoso", MAILBOX, _mime(), client_request_id="c")
+        return await graph.send_mime(target_for(auth), _mime())
 
 
 @pytest.fixture
@@ -236,7 +234,7 @@ async def test_graph_is_untrusted_without_ca_file(rig: Rig, tmp_path: Path) -> N
     bare = auth_for(rig.sandbox, tmp_path, ca_file=None)
     await rig.tokens.get_token("contoso")  # the token provider itself trusts ca_file
     with pytest.raises(TransientDeliveryError) as caught:
-        await rig.graph.send_mime(bare, "contoso", MAILBOX, _mime(), client_request_id="c")
+        await rig.graph.send_mime(target_for(bare), _mime())
     assert caught.value.alert is True
     assert "ca_file" in caught.value.remedy
     assert token_auth.ca_file is not None
@@ -250,7 +248,7 @@ async def test_an_unreachable_graph_is_451_442(rig: Rig, tmp_path: Path) -> None
         port = sock.getsockname()[1]
     dead = auth_for(rig.sandbox, tmp_path, graph_endpoint=f"https://127.0.0.1:{port}")
     with pytest.raises(TransientDeliveryError) as caught:
-        await rig.graph.send_mime(dead, "contoso", MAILBOX, _mime(), client_request_id="c")
+        await rig.graph.send_mime(target_for(dead), _mime())
     assert str(caught.value.reply).startswith("451 4.4.2")
     assert "cannot reach Graph" in caught.value.message
 
@@ -266,7 +264,7 @@ async def test_the_auth_objects_proxy_carries_graph_requests(rig: Rig, tmp_path:
     await rig.tokens.get_token("contoso")
     proxied = auth_for(rig.sandbox, tmp_path, proxy=_dead_proxy())
     with pytest.raises(TransientDeliveryError) as caught:
-        await rig.graph.send_mime(proxied, "contoso", MAILBOX, _mime(), client_request_id="c")
+        await rig.graph.send_mime(target_for(proxied), _mime())
     assert str(caught.value.reply).startswith("451 4.4.2")
     assert rig.sandbox.graph_requests == 0
 
