@@ -6,6 +6,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from relay.core.errors import DeliveryError, PermanentDeliveryError, TransientDe
 from relay.graph.client import GraphClient, SendResult
 from relay.graph.tokens import TokenProvider
 from relay.sandbox import ABORT, Sandbox
+from tests.conftest import RelayFactory, asmtp_send, message
 from tests.sandbox_auth import CLIENT, SECRET, TENANT, auth_for, target_for
 
 MAILBOX = "scanner@contoso.com"
@@ -296,3 +298,36 @@ async def test_a_netrc_default_login_does_not_interfere(
     (tmp_path / ".netrc").write_text(netrc.read_text())
     (tmp_path / ".netrc").chmod(0o600)
     assert (await rig.send()).status == 202
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "reply"),
+    [
+        (404, "MailboxNotEnabledForRESTAPI", 550),
+        (503, "ServiceUnavailable", 451),
+        (ABORT, "", 451),
+    ],
+)
+async def test_one_failed_delivery_is_logged_exactly_once(
+    sandbox: Sandbox,
+    start_relay: RelayFactory,
+    log_records: pytest.LogCaptureFixture,
+    status: int,
+    code: str,
+    reply: int,
+) -> None:
+    """#10: a Graph failure is logged once, by the delivery layer, with its code, request-id
+    and remedy (DESIGN §5); the client does not log it a second time."""
+    relay = await start_relay()  # direct mode: the client waits for Graph's answer
+    sandbox.faults.fail_graph(status, code)
+    outcome = await asmtp_send(relay.listeners[0].port, message())
+    assert outcome.code == reply
+    (record,) = [
+        r for r in log_records.records if r.name.startswith("relay") and r.levelno >= WARNING
+    ]
+    assert record.name == "relay.delivery"
+    assert getattr(record, "event", None) in ("failed", "deferred")
+    assert getattr(record, "remedy", "")
+    if status != ABORT:
+        assert getattr(record, "graph_code", None) == code
+        assert getattr(record, "request_id", None)
