@@ -18,7 +18,7 @@ from email.policy import compat32
 
 from aiohttp import web
 
-from .backend import Backend
+from .backend import REQUEST_ID, Backend
 from .directory import Mailbox
 from .graph import GraphService, fault_error, read_limited
 from .messages import GraphError, check_mime, decode_mime_body
@@ -148,7 +148,7 @@ class DraftService:
         del self.drafts[draft.id]
         mail = ReceivedMail(
             mailbox=draft.mailbox.address,
-            request_id=request["request_id"],
+            request_id=request[REQUEST_ID],
             kind="mime",
             mime=assemble(draft.mime, draft.attachments),
             json_body=None,
