@@ -25,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from relay.config.schema import AuthObjectConfig, Config, RouteConfig
+from relay.config.schema import Config, RouteConfig
 from relay.core.errors import (
     DeliveryError,
     PermanentDeliveryError,
@@ -40,7 +40,7 @@ from relay.core.limits import (
     single_request_limit,
 )
 from relay.core.message.prepare import CannotConvertError, GraphJsonTooLargeError, to_graph_message
-from relay.core.values import Delivered, EntryMeta, Outcome, route_index
+from relay.core.values import Delivered, EntryMeta, Outcome, SendTarget, route_index
 from relay.ops.metrics import NULL_METRICS, ErrorReport, MetricsSink
 
 __all__ = [
@@ -76,30 +76,14 @@ class SendOutcome(Protocol):
 class GraphSender(Protocol):
     """What delivery needs from the Graph client."""
 
-    async def send_mime(
-        self,
-        auth: AuthObjectConfig,
-        auth_name: str,
-        mailbox: str,
-        mime: bytes,
-        *,
-        client_request_id: str,
-    ) -> SendOutcome: ...
+    async def send_mime(self, target: SendTarget, mime: bytes) -> SendOutcome: ...
 
 
 @runtime_checkable
 class LargeGraphSender(Protocol):
     """A GraphSender that can also send past the 4 MB limit (relay.graph.GraphClient)."""
 
-    async def send_large_mime(
-        self,
-        auth: AuthObjectConfig,
-        auth_name: str,
-        mailbox: str,
-        mime: bytes,
-        *,
-        client_request_id: str,
-    ) -> SendOutcome: ...
+    async def send_large_mime(self, target: SendTarget, mime: bytes) -> SendOutcome: ...
 
 
 @runtime_checkable
@@ -107,18 +91,11 @@ class JsonGraphSender(Protocol):
     """A GraphSender that can also send Graph's JSON message resource (relay.graph.GraphClient)."""
 
     async def send_json(
-        self,
-        auth: AuthObjectConfig,
-        auth_name: str,
-        mailbox: str,
-        message_json: Mapping[str, Any],
-        save_to_sent_items: bool,
-        *,
-        client_request_id: str,
+        self, target: SendTarget, message_json: Mapping[str, Any], save_to_sent_items: bool
     ) -> SendOutcome: ...
 
 
-_Send = Callable[..., Awaitable[SendOutcome]]
+_Send = Callable[[SendTarget, bytes], Awaitable[SendOutcome]]
 
 
 def json_route(config: Config, meta: EntryMeta) -> RouteConfig | None:
@@ -280,19 +257,18 @@ class GraphAttempts:
                     "sender must send the message smaller",
                 )
             send = self._graph.send_large_mime
-        auth = config.auth_objects[meta.auth_object]
+        target = SendTarget(
+            auth_name=meta.auth_object,
+            auth=config.auth_objects[meta.auth_object],
+            mailbox=meta.mailbox,
+            client_request_id=str(uuid.uuid4()),
+        )
         started = self._monotonic()
         try:
             async with self.slots.hold(meta.auth_object, meta.mailbox):
                 requested = self._monotonic()  # the latency metric leaves out the slot wait
                 try:
-                    result = await send(
-                        auth,
-                        meta.auth_object,
-                        meta.mailbox,
-                        mime,
-                        client_request_id=str(uuid.uuid4()),
-                    )
+                    result = await send(target, mime)
                 except DeliveryError as failure:
                     if _from_graph(failure):
                         elapsed = self._monotonic() - requested
@@ -342,22 +318,8 @@ class GraphAttempts:
             )
         document = message.as_json()
 
-        async def send(
-            auth: AuthObjectConfig,
-            auth_name: str,
-            mailbox: str,
-            _: bytes,
-            *,
-            client_request_id: str,
-        ) -> SendOutcome:
-            return await graph.send_json(
-                auth,
-                auth_name,
-                mailbox,
-                document,
-                route.save_to_sent_items,
-                client_request_id=client_request_id,
-            )
+        async def send(target: SendTarget, _: bytes) -> SendOutcome:
+            return await graph.send_json(target, document, route.save_to_sent_items)
 
         return send
 

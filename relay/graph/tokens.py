@@ -46,11 +46,17 @@ from typing import Any
 
 import msal
 import requests
-from msal.exceptions import MsalError
+from msal.exceptions import MsalError, MsalServiceError
 
 from relay.config.schema import AuthObjectConfig, ClientSecret
 from relay.core.errors import TransientDeliveryError
-from relay.graph.aadsts import error_from_empty_result, error_from_exception, error_from_result
+from relay.graph.aadsts import (
+    TokenFailure,
+    TokenFailureKind,
+    error_from_empty_result,
+    error_from_failure,
+    error_from_result,
+)
 from relay.graph.transport import PinnedTrustSession, ssl_context_for
 from relay.ops.metrics import NULL_METRICS, MetricsSink
 
@@ -60,7 +66,9 @@ __all__ = [
     "TokenProvider",
     "TokenStatus",
     "decode_jwt_payload",
+    "error_from_exception",
     "token_claims",
+    "token_failure",
 ]
 
 _LOG = logging.getLogger("relay.tokens")
@@ -72,6 +80,45 @@ MAIL_SEND_MISSING = (
 # What MSAL and requests raise for network, TLS, HTTP and discovery failures; anything else is a
 # bug and propagates (the SMTP layer answers 451 4.3.0 for it, DESIGN §8).
 _BOUNDARY_ERRORS = (requests.exceptions.RequestException, MsalError, ValueError, OSError)
+# The order matters: requests' exceptions are OSErrors, and its SSLError and ProxyError are
+# ConnectionErrors; the first class that matches decides the kind.
+_KINDS: tuple[tuple[type[BaseException], TokenFailureKind], ...] = (
+    (requests.exceptions.SSLError, "tls"),
+    (requests.exceptions.ProxyError, "proxy"),
+    (requests.exceptions.Timeout, "timeout"),
+    (requests.exceptions.RequestException, "unreachable"),
+    (MsalServiceError, "service"),  # MSAL raises it for a 5xx from the token or discovery endpoint
+    (ValueError, "unreadable"),  # incl. msal/authority.py's "Unable to get authority configuration"
+    (OSError, "local"),  # ca_file missing or unreadable
+)
+
+
+# --- the boundary: MSAL's and requests' exceptions become our values, once --------------
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def token_failure(exc: BaseException) -> TokenFailure:
+    """What MSAL or `requests` raised, as a value for relay.graph.aadsts to map."""
+    kind: TokenFailureKind = next((k for t, k in _KINDS if isinstance(exc, t)), "other")
+    text = " <- ".join(str(e) for e in _chain(exc))
+    return TokenFailure(kind=kind, type_name=type(exc).__name__, text=text)
+
+
+def error_from_exception(
+    exc: BaseException, *, auth_name: str, authority: str, secret: str | None = None
+) -> TransientDeliveryError:
+    """Convert what MSAL or `requests` raised while talking to the authority into our error."""
+    return error_from_failure(
+        token_failure(exc), auth_name=auth_name, authority=authority, secret=secret
+    )
 
 
 # --- JWT inspection for test-auth ----------------------------------------------------------

@@ -54,6 +54,8 @@ class ReceivedMail:
     subject: str = ""
     # Sent as a draft: the attachments that came through upload sessions (also in `mime`).
     attachments: tuple[UploadedAttachment, ...] = ()
+    # The caller's `client-request-id` header of the request that sent it, if it had one.
+    client_request_id: str | None = None
 
 
 class Journal:

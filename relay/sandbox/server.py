@@ -20,7 +20,7 @@ from typing import Self
 from aiohttp import web
 
 from .access_tokens import GRAPH_APP_ID, GRAPH_RESOURCE, AccessTokens
-from .backend import Backend
+from .backend import REQUEST_ID, Backend
 from .directory import Directory
 from .drafts import DraftService
 from .entra import EntraService
@@ -254,7 +254,7 @@ class Sandbox:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         request_id = str(uuid.uuid4())
-        request["request_id"] = request_id
+        request[REQUEST_ID] = request_id
         try:
             response = await handler(request)
         except web.HTTPMethodNotAllowed as exc:

@@ -124,7 +124,6 @@ async def test_a_failed_chunk_is_sent_again_and_the_upload_resumes(
 ) -> None:
     grant_read_write(sandbox)
     relay = await start_relay(delivery=HYBRID, smtp_extra=BIG_SMTP)
-    relay.graph.chunk_retry_delay = 0.01
     sandbox.faults.fail_upload_chunk(2, 503)
     raw, digest = large_message(12 * MB)
     outcome = await asmtp_send(port_of(relay), raw)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from relay.core.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
-from relay.graph.client import error_from_response, parse_graph_error, parse_retry_after
+from relay.graph.errors import error_from_response, parse_graph_error, parse_retry_after
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 REQUEST_ID = "0f3a1c2e-1111-2222-3333-444455556666"

@@ -13,14 +13,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.config.load import parse_config
-from relay.config.schema import AuthObjectConfig, Config
+from relay.config.schema import Config
 from relay.core.errors import (
     DeliveryError,
     PermanentDeliveryError,
     SmtpReply,
     TransientDeliveryError,
 )
-from relay.core.values import EntryMeta
+from relay.core.values import EntryMeta, SendTarget
 from relay.delivery.attempt import GraphAttempts
 from relay.ops.metrics import (
     MAX_ERROR_CODES,
@@ -342,15 +342,7 @@ class ScriptedGraph:
     def __init__(self, *outcomes: DeliveryError | None) -> None:
         self._outcomes = list(outcomes)
 
-    async def send_mime(
-        self,
-        auth: AuthObjectConfig,
-        auth_name: str,
-        mailbox: str,
-        mime: bytes,
-        *,
-        client_request_id: str,
-    ) -> Accepted:
+    async def send_mime(self, target: SendTarget, mime: bytes) -> Accepted:
         outcome = self._outcomes.pop(0)
         if outcome is not None:
             raise outcome

@@ -14,8 +14,13 @@ import requests
 from msal.exceptions import MsalServiceError
 
 from relay.core.errors import TransientDeliveryError
-from relay.graph.aadsts import aadsts_code, error_from_exception, error_from_result, remedy_for
-from relay.graph.tokens import MAIL_SEND_MISSING, decode_jwt_payload, token_claims
+from relay.graph.aadsts import aadsts_code, error_from_result, remedy_for
+from relay.graph.tokens import (
+    MAIL_SEND_MISSING,
+    decode_jwt_payload,
+    error_from_exception,
+    token_claims,
+)
 from relay.graph.transport import proxy_for, ssl_context_for
 from tests.certificates import self_signed
 
