@@ -10,7 +10,7 @@ import asyncio
 import shutil
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,10 +77,10 @@ class CountingStore:
             raise self.failure
         return self.counts
 
-    async def list(self, state: str) -> list[object]:
+    async def list(self, state: str) -> Sequence[object]:
         raise AssertionError("an admin request listed the queue")
 
-    async def due(self, now: float, limit: int) -> list[object]:
+    async def due(self, now: float, limit: int) -> Sequence[object]:
         raise AssertionError("an admin request listed the queue")
 
 
@@ -145,9 +145,11 @@ async def start_admin() -> AsyncIterator[AdminFactory]:
     started: list[AdminServer] = []
 
     async def start(
-        sources: HealthSources, metrics: RelayMetrics | None = None, **limits: float
+        sources: HealthSources, metrics: RelayMetrics | None = None, check_timeout: float = 2.0
     ) -> AdminServer:
-        server = AdminServer(ANY_PORT, metrics=metrics or RelayMetrics(), health=sources, **limits)
+        server = AdminServer(
+            ANY_PORT, metrics=metrics or RelayMetrics(), health=sources, check_timeout=check_timeout
+        )
         await server.start()
         started.append(server)
         return server

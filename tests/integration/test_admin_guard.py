@@ -16,6 +16,7 @@ import pytest
 from relay.config.load import parse_config
 from relay.config.schema import AdminConfig
 from relay.ops.admin import AdminServer, HealthSources
+from relay.ops.http_guard import HEADER_TIMEOUT, IDLE_TIMEOUT
 from relay.ops.metrics import RelayMetrics
 from relay.service import BoundListener
 
@@ -49,9 +50,19 @@ async def start_admin(tmp_path: Path) -> AsyncIterator[Start]:
     )
     started: list[AdminServer] = []
 
-    async def start(hostnames: tuple[str, ...] = (), **timeouts: float) -> AdminServer:
+    async def start(
+        hostnames: tuple[str, ...] = (),
+        header_timeout: float = HEADER_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> AdminServer:
         admin = AdminConfig.model_construct(address="127.0.0.1", port=0, hostnames=hostnames)
-        server = AdminServer(admin, metrics=RelayMetrics(), health=sources, **timeouts)
+        server = AdminServer(
+            admin,
+            metrics=RelayMetrics(),
+            health=sources,
+            header_timeout=header_timeout,
+            idle_timeout=idle_timeout,
+        )
         await server.start()
         started.append(server)
         return server

@@ -39,11 +39,10 @@ P = "smtp_graph_relay_"
 EMPTY = QueueReading(StoreStats(0, 0, 0, 0, 0, None))
 
 
-def sample(
-    metrics: RelayMetrics, name: str, queue: QueueReading | None = None, **labels: str
-) -> float | None:
-    """The value of one sample in the exposition, None when it is absent."""
-    for family in text_string_to_metric_families(metrics.render(queue).decode()):
+def sample(metrics: RelayMetrics | bytes, name: str, **labels: str) -> float | None:
+    """The value of one sample in the exposition (or in `render()`'s bytes), None when absent."""
+    text = metrics if isinstance(metrics, bytes) else metrics.render()
+    for family in text_string_to_metric_families(text.decode()):
         for s in family.samples:
             if s.name == name and s.labels == labels:
                 return float(s.value)
@@ -229,17 +228,17 @@ def test_graph_error_codes_are_sanitised_and_bounded() -> None:
 
 def test_queue_gauges_render_the_reading_they_are_given() -> None:
     """queue_depth, queue_oldest_age_seconds and dead_letters come from one StoreStats."""
-    metrics = RelayMetrics(clock=lambda: 1000.0)
     reading = QueueReading(
         StoreStats(queued=4, active=1, dead=2, quarantined=1, corrupt=3, oldest_created=910.0)
     )
-    assert sample(metrics, f"{P}queue_depth", reading, state="queued") == 4
-    assert sample(metrics, f"{P}queue_depth", reading, state="active") == 1
-    assert sample(metrics, f"{P}queue_oldest_age_seconds", reading) == 90.0  # injected clock
-    assert sample(metrics, f"{P}dead_letters", reading, state="dead") == 2
-    assert sample(metrics, f"{P}dead_letters", reading, state="quarantine") == 1
-    assert sample(metrics, f"{P}dead_letters", reading, state="corrupt") == 3
-    assert sample(metrics, f"{P}spool_readable", reading) == 1
+    text = RelayMetrics(clock=lambda: 1000.0).render(reading)
+    assert sample(text, f"{P}queue_depth", state="queued") == 4
+    assert sample(text, f"{P}queue_depth", state="active") == 1
+    assert sample(text, f"{P}queue_oldest_age_seconds") == 90.0  # injected clock
+    assert sample(text, f"{P}dead_letters", state="dead") == 2
+    assert sample(text, f"{P}dead_letters", state="quarantine") == 1
+    assert sample(text, f"{P}dead_letters", state="corrupt") == 3
+    assert sample(text, f"{P}spool_readable") == 1
 
 
 def test_the_age_is_measured_at_the_time_of_the_scrape() -> None:
@@ -251,7 +250,7 @@ def test_the_age_is_measured_at_the_time_of_the_scrape() -> None:
 
 def test_an_empty_queue_has_age_zero() -> None:
     """No undelivered entry: oldest age 0, not absent."""
-    assert sample(RelayMetrics(), f"{P}queue_oldest_age_seconds", EMPTY) == 0
+    assert sample(RelayMetrics().render(EMPTY), f"{P}queue_oldest_age_seconds") == 0
 
 
 def test_an_unreadable_queue_fails_the_gauge_not_the_scrape() -> None:
@@ -259,10 +258,14 @@ def test_an_unreadable_queue_fails_the_gauge_not_the_scrape() -> None:
     metrics = RelayMetrics()
     broken = QueueReading(None, "cannot read the queue: EIO")
     metrics.accepted("contoso-senders", "queued")
-    assert sample(metrics, f"{P}spool_readable", broken) == 0
-    assert sample(metrics, f"{P}queue_depth", broken, state="queued") is None
+    text = metrics.render(broken)
+    assert sample(text, f"{P}spool_readable") == 0
+    assert sample(text, f"{P}queue_depth", state="queued") is None
     assert sample(
-        metrics, f"{P}messages_accepted_total", broken, route="contoso-senders", outcome="queued"
+        metrics.render(broken),
+        f"{P}messages_accepted_total",
+        route="contoso-senders",
+        outcome="queued",
     )
 
 
