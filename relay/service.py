@@ -34,7 +34,8 @@ from relay.smtp.auth import MECHANISMS, SmtpAuthenticator
 from relay.smtp.connections import ConnectionLimiter
 from relay.smtp.handler import RelayHandler
 from relay.smtp.session import RelaySMTP, SessionLimits, server_tls_context
-from relay.store.files.spool import Spool
+from relay.store.files.spool import Spool, SpoolError
+from relay.store.protocol import StoreStats, StoreUnavailableError
 
 __all__ = ["BoundListener", "RelayService", "serve_until_stopped"]
 
@@ -100,8 +101,6 @@ class RelayService:
             metrics=self._sink,
             authenticator=self.authenticator,
         )
-        if metrics is not None and self.spool is not None:
-            metrics.track_spool(self.spool.stats)
         self._server_tls: ssl.SSLContext | None = None
         self._retired: list[asyncio.TimerHandle] = []
         self._retired_providers: list[TokenProvider] = []
@@ -129,6 +128,24 @@ class RelayService:
             bound=lambda: self.listeners,
             tokens=lambda: self.tokens.status(),
             spool=self.spool,
+            queue=self._queue_stats if self.spool is not None else None,
+            # At merge with the delivery branch: degraded=self.delivery.degraded_reasons,
+        )
+
+    async def _queue_stats(self, now: float) -> StoreStats:
+        """The queue's counts for /metrics and the status page (`HealthSources.queue`).
+
+        A stand-in until the file spool implements `relay.store.protocol.Store`, whose `stats`
+        is kept incrementally: then this is `store.stats`. Today's `Spool.stats` still lists
+        the spool's directories, so it runs off the event loop.
+        """
+        assert self.spool is not None
+        try:
+            s = await asyncio.to_thread(self.spool.stats, now)
+        except SpoolError as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        return StoreStats(
+            s.queued, s.active, s.dead, s.quarantined, s.corrupt, s.oldest_created, s.due
         )
 
     @property
