@@ -204,6 +204,11 @@ class Sandbox:
         return self._journal.token_requests
 
     @property
+    def entra_requests(self) -> int:
+        """Every request that reached Entra: discovery, keys and the token endpoint."""
+        return self._journal.entra_requests
+
+    @property
     def tokens_issued(self) -> int:
         return self._journal.tokens_issued
 
