@@ -162,9 +162,9 @@ class Sandbox:
         tenant_id: str,
         client_id: str,
         *,
+        roles: Iterable[str] = ("Mail.Send",),
         secret: str | None = None,
         certificate_pem: bytes | None = None,
-        roles: Iterable[str] = ("Mail.Send",),
     ) -> None:
         """Register an app (creating its tenant if needed) with a secret and/or certificate and
         the application roles admin consent granted it."""
