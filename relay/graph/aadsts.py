@@ -4,8 +4,8 @@ Why this module exists: an app registration can be wrong in a dozen ways (wrong 
 unknown app or tenant, certificate not uploaded, app disabled, bad scope), and each surfaces as an
 `AADSTS<n>` code buried in an MSAL result dict or deep in an exception chain from MSAL or
 `requests`. This module is the one place that reads those codes and turns them into a
-`TransientDeliveryError` (451 4.7.0) carrying the code and the remedy, so `relay.tokens` stays a
-thin I/O shell around MSAL.
+`TransientDeliveryError` (451 4.7.0) carrying the code and the remedy, so `relay.graph.tokens` stays
+a thin I/O shell around MSAL.
 
 It is pure: values in, errors out. Nothing here talks to the network, reads files or logs, and
 nothing here imports MSAL or `requests`: `relay.graph.tokens` converts their exceptions once, at

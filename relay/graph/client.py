@@ -29,7 +29,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,14 +99,16 @@ class GraphClient:
         timeout: float = 60.0,
         connect_timeout: float = 10.0,
         chunk_retry_delay: float = 1.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], datetime] = _utcnow,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """`chunk_retry_delay`: the pause before re-sending a failed upload chunk, multiplied
-        by the number of failures so far (when Graph gives no Retry-After)."""
+        by the number of failures so far (when Graph gives no Retry-After); `sleep` takes it."""
         self._tokens = tokens
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
         self._chunk_retry_delay = chunk_retry_delay
+        self._sleep = sleep
         self._clock = clock
         self._monotonic = monotonic
         self._session: aiohttp.ClientSession | None = None
@@ -167,6 +169,7 @@ class GraphClient:
             mime,
             background=self._background,
             retry_delay=self._chunk_retry_delay,
+            sleep=self._sleep,
         )
         return SendResult(status=202, request_id=request_id, duration=self._monotonic() - started)
 

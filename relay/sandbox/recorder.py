@@ -64,6 +64,7 @@ class Journal:
     def __init__(self) -> None:
         self.received: list[ReceivedMail] = []
         self.token_requests = 0
+        self.entra_requests = 0  # discovery, keys and token endpoint together
         self.tokens_issued = 0
         self.graph_requests = 0
         self.graph_statuses: Counter[int] = Counter()

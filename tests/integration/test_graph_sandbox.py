@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -331,3 +334,30 @@ async def test_one_failed_delivery_is_logged_exactly_once(
     if status != ABORT:
         assert getattr(record, "graph_code", None) == code
         assert getattr(record, "request_id", None)
+
+
+async def test_an_entra_outage_costs_log_requests_and_logs_failing_once_then_recovered(
+    sandbox: Sandbox, start_relay: RelayFactory, log_records: pytest.LogCaptureFixture
+) -> None:
+    """#11 item 6 through the whole relay: 20 messages during an Entra outage (each an inline
+    attempt, then queue retries) cost O(log t) Entra requests, not one per attempt; the log has
+    one "failing" line; when Entra is back every message goes out and "recovered" is logged."""
+    sandbox.faults.token_endpoint_down(True)
+    began = time.monotonic()
+    relay = await start_relay(
+        delivery="{mode: hybrid, inline_timeout: 5s, spool_dir: spool, "
+        "retry: {first: 200ms, max: 1s, lifetime: 1h}}"
+    )
+    port = relay.listeners[0].port
+    outcomes = await asyncio.gather(
+        *(asmtp_send(port, message(subject=f"Scan {n}")) for n in range(20))
+    )
+    assert all(o.code == 250 and "queued" in o.text for o in outcomes)
+    requests_made, elapsed = sandbox.entra_requests, time.monotonic() - began
+    assert 1 <= requests_made <= 2 + math.log2(1 + elapsed)
+    sandbox.faults.token_endpoint_down(False)
+    await sandbox.wait_for_mail(20, timeout=60)
+    lines = [r.getMessage() for r in log_records.records if r.name == "relay.tokens"]
+    assert len([line for line in lines if line.startswith("token requests failing")]) == 1
+    assert not [line for line in lines if line.startswith("token requests still failing")]
+    assert len([line for line in lines if line.startswith("token requests recovered")]) == 1
