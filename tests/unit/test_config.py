@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from cryptography.hazmat.primitives import hashes
+from pydantic import BaseModel
 
 from relay.config.load import load_config, parse_config
-from relay.config.schema import ClientCertificate, ClientSecret, parse_duration, parse_size
+from relay.config.schema import (
+    ClientCertificate,
+    ClientSecret,
+    Config,
+    parse_duration,
+    parse_size,
+)
 from relay.core.errors import ConfigError
 from tests.certificates import self_signed
 
@@ -60,17 +69,56 @@ def test_minimal_config_gets_safe_defaults() -> None:
     assert auth.credential == ClientSecret(SECRET)
 
 
-def test_the_example_config_validates(tmp_path: Path) -> None:
-    """config.example.yaml is valid when run as systemd would: the secret in the credentials
+def _example_config(tmp_path: Path) -> Config:
+    """config.example.yaml loaded as systemd would run it: the secret in the credentials
     directory, the TLS files present."""
     text = (REPO / "config.example.yaml").read_text()
     (tmp_path / "contoso").write_text(SECRET + "\n")
     cert_file, key_file = self_signed("relay").write(tmp_path, "tls")
     text = text.replace("/etc/smtp-graph-relay/tls.crt", str(cert_file))
     text = text.replace("/etc/smtp-graph-relay/tls.key", str(key_file))
-    config = parse_config(text, environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    return parse_config(text, environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+
+
+def test_the_example_config_validates(tmp_path: Path) -> None:
+    """config.example.yaml is valid when run as systemd would: the secret in the credentials
+    directory, the TLS files present."""
+    config = _example_config(tmp_path)
     assert config.auth_objects["contoso"].credential == ClientSecret(SECRET)
     assert len(config.routes) >= 1
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted path, key) of every key the schema knows, sections included."""
+    found = []
+    for key, info in model.model_fields.items():
+        found.append((f"{prefix}{key}", key))
+        for sub in (info.annotation, *get_args(info.annotation)):
+            for inner in (sub, *get_args(sub)):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    found += _keys(inner, f"{prefix}{key}.")
+    return found
+
+
+def test_the_example_config_documents_every_key() -> None:
+    """Every key of the schema, the new ones included (smtp.max_data_memory, admin.hostnames,
+    routes[].name), is written in config.example.yaml, set or in a comment, as `key:`."""
+    text = (REPO / "config.example.yaml").read_text()
+    keys = _keys(Config)
+    assert {"smtp.max_data_memory", "admin.hostnames", "routes.name"} <= {p for p, _ in keys}
+    missing = [
+        path for path, key in keys if not re.search(rf"(^|[\s{{,#-]){re.escape(key)}:", text, re.M)
+    ]
+    assert not missing, f"config.example.yaml does not mention: {', '.join(missing)}"
+
+
+def test_the_example_config_sets_the_new_keys(tmp_path: Path) -> None:
+    """The example shows the new keys with working values: a route name, the DATA memory budget
+    and the admin page's extra host names."""
+    config = _example_config(tmp_path)
+    assert config.routes[0].label == "contoso-senders"
+    assert config.smtp.max_data_memory == 512_000_000
+    assert config.admin.hostnames == []
 
 
 @pytest.mark.parametrize(
