@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import textwrap
 from pathlib import Path
 from typing import get_args
@@ -11,8 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from pydantic import BaseModel
 
-from relay.config.load import load_config, parse_config
+from relay.config.load import load_config, parse_auth_object, parse_config
 from relay.config.schema import (
+    AuthObjectConfig,
     ClientCertificate,
     ClientSecret,
     Config,
@@ -371,3 +373,83 @@ def test_sizes(text: object, expected: int) -> None:
 def test_durations(text: object, expected: float) -> None:
     """Durations take ms, s, m, h, d, combinations, or plain seconds."""
     assert parse_duration(text) == expected
+
+
+def test_the_schema_reads_no_file(tmp_path: Path) -> None:
+    """The pure models accept a credential path without opening it; the credential is only
+    there once the loader has read it, and asking earlier says so."""
+    auth = AuthObjectConfig.model_validate(
+        {"tenant_id": TENANT, "client_id": APP, "client_secret_file": str(tmp_path / "absent")}
+    )
+    assert auth.client_secret_file == tmp_path / "absent"
+    with pytest.raises(RuntimeError, match=r"relay\.config\.load"):
+        _ = auth.credential
+
+
+def test_an_inline_secret_needs_no_loader() -> None:
+    """client_secret written in the file is resolved by the model itself: nothing to read."""
+    auth = AuthObjectConfig.model_validate(
+        {"tenant_id": TENANT, "client_id": APP, "client_secret": SECRET + "\n"}
+    )
+    assert auth.credential == ClientSecret(SECRET)
+
+
+def test_the_loader_fills_in_this_hosts_name() -> None:
+    """smtp.hostname defaults to this host's fully qualified name, taken at load time."""
+    config = parse_config(MINIMAL, environ={"RELAY_SECRET": SECRET})
+    assert config.smtp.hostname == socket.getfqdn()
+
+
+def test_an_empty_hostname_written_out_is_refused() -> None:
+    """Only the default is filled in; `hostname: ""` in the file is a mistake."""
+    message = problems_of(MINIMAL + 'smtp: {hostname: ""}')
+    assert "smtp.hostname: must be this host's name" in message
+
+
+def test_a_relative_spool_dir_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    """delivery.spool_dir: spool puts the spool next to the config file, not in the cwd."""
+    config = parse(MINIMAL + "delivery: {spool_dir: spool}", tmp_path)
+    assert config.delivery.spool_dir == tmp_path / "spool"  # type: ignore[attr-defined]
+
+
+def test_file_problems_are_reported_with_the_schema_problems(tmp_path: Path) -> None:
+    """One run names every mistake: a typo elsewhere does not hide a missing secret file or
+    a missing TLS certificate."""
+    text = (
+        MINIMAL.replace("client_secret_env: RELAY_SECRET", "client_secret_file: nope.txt")
+        + "smtp: {max_recipients: many, tls: {cert_file: gone.crt, key_file: gone.key}}"
+    )
+    message = problems_of(text, tmp_path)
+    assert "smtp.max_recipients:" in message
+    assert "nope.txt does not exist" in message
+    assert "gone.crt does not exist" in message
+
+
+def test_file_problems_are_reported_with_the_cross_references(tmp_path: Path) -> None:
+    """A route naming an unknown auth object and an unreadable secret: both in one report."""
+    text = MINIMAL.replace(
+        "client_secret_env: RELAY_SECRET", "client_secret_file: nope.txt"
+    ).replace("auth_object: contoso", "auth_object: contosso")
+    message = problems_of(text, tmp_path)
+    assert "routes[0].auth_object:" in message
+    assert "nope.txt does not exist" in message
+
+
+def test_a_missing_ca_file_names_the_auth_object(tmp_path: Path) -> None:
+    """ca_file is checked when the file is loaded, relative to the config file."""
+    message = problems_of(
+        MINIMAL.replace("client_secret_env:", "ca_file: proxy-ca.pem\n    client_secret_env:"),
+        tmp_path,
+    )
+    assert f"auth_objects.contoso: ca_file {tmp_path}/proxy-ca.pem does not exist" in message
+
+
+def test_one_auth_object_loads_as_parse_config_would(tmp_path: Path) -> None:
+    """parse_auth_object reads one app registration's credential like a whole file does, and
+    reports its problems at `auth_objects.NAME`."""
+    (tmp_path / "secret.txt").write_text(SECRET + "\n")
+    data = {"tenant_id": TENANT, "client_id": APP, "client_secret_file": "secret.txt"}
+    auth = parse_auth_object(data, base_dir=tmp_path, environ={})
+    assert auth.credential == ClientSecret(SECRET)
+    with pytest.raises(ConfigError, match=r"auth_objects\.app: client_secret_file .* not exist"):
+        parse_auth_object({**data, "client_secret_file": "x"}, name="app", base_dir=tmp_path)
