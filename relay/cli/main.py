@@ -152,6 +152,7 @@ def print_routing_table(config: Config, source: Path, out: TextIO) -> None:
         f"  max message size {smtp.max_message_size} bytes, max recipients "
         f"{smtp.max_recipients}, max connections {smtp.max_connections} "
         f"({smtp.max_connections_per_client} per client)\n"
+        f"  messages in DATA hold at most {smtp.max_data_memory} bytes together\n"
     )
     w(
         "\nClients (by AUTH username, else first match on the connecting address; "
@@ -193,6 +194,9 @@ def print_routing_table(config: Config, source: Path, out: TextIO) -> None:
         f"\nDelivery: mode {delivery.mode}, Graph must answer within "
         f"{delivery.inline_timeout:g}s, large messages: {delivery.large_messages}\n"
     )
+    admin = config.admin
+    names = ", ".join(["localhost", *admin.hostnames])
+    w(f"\nAdmin: http://{admin.address}:{admin.port}/ (Host header: {admin.address}, {names})\n")
     warnings = config_warnings(config)
     if warnings:
         w("\nWarnings (the relay runs like this, but probably should not)\n")

@@ -128,6 +128,8 @@ def test_check_config_without_warnings_says_so(tmp_path: Path) -> None:
     code, output = check_config(tmp_path, '["*@contoso.com", "scanner@fabrikam.com"]')
     assert code == 0
     assert "Warnings" not in output
+    assert "messages in DATA hold at most 536870912 bytes together" in output
+    assert "\nAdmin: http://127.0.0.1:9025/ (Host header: 127.0.0.1, localhost)" in output
     assert output.rstrip().endswith("check-config: valid, no warnings")
 
 
