@@ -453,3 +453,25 @@ def test_one_auth_object_loads_as_parse_config_would(tmp_path: Path) -> None:
     assert auth.credential == ClientSecret(SECRET)
     with pytest.raises(ConfigError, match=r"auth_objects\.app: client_secret_file .* not exist"):
         parse_auth_object({**data, "client_secret_file": "x"}, name="app", base_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        # two explicit names
+        "  - {name: main, senders: ['a@contoso.com'], auth_object: contoso}\n"
+        "  - {name: main, senders: ['*@contoso.com'], auth_object: contoso}\n",
+        # a name equal to another route's first sender pattern, its default name
+        "  - {senders: ['*@contoso.com'], auth_object: contoso}\n"
+        "  - {name: '*@contoso.com', senders: ['b@contoso.com'], auth_object: contoso}\n",
+    ],
+)
+def test_two_routes_may_not_share_a_name(routes: str) -> None:
+    """Logs and metrics name routes by `RouteConfig.label`; two equal labels are refused."""
+    text = MINIMAL.replace(
+        'routes:\n  - senders: ["*@contoso.com"]\n    auth_object: contoso\n', "routes:\n" + routes
+    )
+    assert text != MINIMAL
+    message = problems_of(text)
+    assert "routes[1].name: this route is called" in message
+    assert "like routes[0]" in message
