@@ -5,6 +5,7 @@ subcommand is a function returning an exit code; `main(argv)` never calls `sys.e
 drive it like any other function.
 
 Exit codes: 0 success, 1 failure (invalid config, token or test mail refused), 2 usage error.
+`check-config` warnings (a valid setting that is probably a mistake) keep exit code 0.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 from relay import __version__
+from relay.config.advice import config_warnings
 from relay.config.load import load_config
 from relay.config.schema import ClientCertificate, Config
 from relay.core.errors import ConfigError, DeliveryError, PolicyError
@@ -151,6 +153,7 @@ def print_routing_table(config: Config, source: Path, out: TextIO) -> None:
         f"  max message size {smtp.max_message_size} bytes, max recipients "
         f"{smtp.max_recipients}, max connections {smtp.max_connections} "
         f"({smtp.max_connections_per_client} per client)\n"
+        f"  messages in DATA hold at most {smtp.max_data_memory} bytes together\n"
     )
     w(
         "\nClients (by AUTH username, else first match on the connecting address; "
@@ -173,15 +176,37 @@ def print_routing_table(config: Config, source: Path, out: TextIO) -> None:
         w(f"      scope {auth.effective_scope}\n")
         if auth.proxy:
             w(f"      proxy {auth.proxy}\n")
-    w("\nRoutes (first match on the sender wins)\n")
+    w(
+        "\nRoutes (first match on the sender wins; a queued message is routed again by its "
+        "sender at each attempt)\n"
+    )
     for index, route in enumerate(config.routes):
         mailbox = "the sender's own mailbox" if route.mailbox == "sender" else route.mailbox
-        w(f"  routes[{index}] {', '.join(route.senders)} -> {route.auth_object}, {mailbox}\n")
+        named = "" if route.name else " (named after its first sender)"
+        target = f"{', '.join(route.senders)} -> {route.auth_object}, {mailbox}"
+        w(f'  routes[{index}] "{route.label}"{named}: {target}\n')
+        if route.rewrite_from or not route.save_to_sent_items:
+            w(
+                f"      rewrite_from {str(route.rewrite_from).lower()}, save_to_sent_items "
+                f"{str(route.save_to_sent_items).lower()}\n"
+            )
     delivery = config.delivery
     w(
         f"\nDelivery: mode {delivery.mode}, Graph must answer within "
         f"{delivery.inline_timeout:g}s, large messages: {delivery.large_messages}\n"
     )
+    admin = config.admin
+    names = ", ".join(["localhost", *admin.hostnames])
+    w(f"\nAdmin: http://{admin.address}:{admin.port}/ (Host header: {admin.address}, {names})\n")
+    warnings = config_warnings(config)
+    if warnings:
+        w("\nWarnings (the relay runs like this, but probably should not)\n")
+        for warning in warnings:
+            w(f"  {warning.path}: {warning.problem}\n      fix: {warning.fix}\n")
+    count = (
+        f"{len(warnings)} warning{'' if len(warnings) == 1 else 's'}" if warnings else "no warnings"
+    )
+    w(f"\ncheck-config: valid, {count}\n")
 
 
 def _credential_source(config: Config, name: str) -> str:

@@ -35,6 +35,9 @@ smtp:
 clients:
   - name: this-machine
     networks: [127.0.0.0/8, "::1/128"]
+    # Any sender, because no real mailbox is involved here; check-config warns about it. In a
+    # real configuration name the domains, such as "*@contoso.com": with "*", a bounce for a
+    # forged sender goes to whoever was forged (backscatter).
     senders: ["*"]
 auth_objects:
   sandbox:

@@ -218,6 +218,18 @@ def _cross_references(config: Config) -> list[ConfigProblem]:
                     f"clients[{i}].name", f"{name!r} is used twice", "names must be unique"
                 )
             )
+    labels = [route.label for route in config.routes]
+    for i, route in enumerate(config.routes):
+        if route.label in labels[:i]:
+            first = labels.index(route.label)
+            problems.append(
+                ConfigProblem(
+                    f"routes[{i}].name",
+                    f"this route is called {route.label!r} like routes[{first}], so logs and "
+                    "metrics could not tell them apart",
+                    "give each route its own name:",
+                )
+            )
     usernames = [client.username for client in config.clients]
     for i, username in enumerate(usernames):
         if username is not None and username in usernames[:i]:

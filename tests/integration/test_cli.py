@@ -53,7 +53,10 @@ async def test_check_config_prints_the_routing_table_without_secrets(
     code, output = await run_main("check-config", "-c", str(write_config(sandbox, tmp_path)))
     assert code == 0
     assert "is valid" in output
-    assert "routes[0] *@contoso.com -> contoso, the sender's own mailbox" in output
+    assert (
+        'routes[0] "*@contoso.com" (named after its first sender): '
+        "*@contoso.com -> contoso, the sender's own mailbox"
+    ) in output
     assert f"tenant {TENANT}, client {CLIENT_ID}" in output
     assert "client secret from file" in output
     assert SECRET not in output
@@ -68,6 +71,91 @@ async def test_check_config_reports_errors_with_their_path(
     code, _ = await run_main("check-config", "-c", str(path))
     assert code == 1
     assert "routes[0].mailbox: 'nobody' must be 'sender'" in capsys.readouterr().err
+
+
+# check-config on a file of its own: no network is involved, so no sandbox either.
+OFFLINE_CONFIG = """
+clients:
+  - name: printers
+    networks: [10.0.5.0/24]
+    senders: {senders}
+auth_objects:
+  contoso:
+    tenant_id: 11111111-2222-3333-4444-555555555555
+    client_id: 66666666-7777-8888-9999-000000000000
+    client_secret_file: secret.txt
+routes:
+{routes}
+"""
+ONE_ROUTE = "  - {senders: ['*@contoso.com'], auth_object: contoso}"
+
+
+def check_config(tmp_path: Path, senders: str, routes: str = ONE_ROUTE) -> tuple[int, str]:
+    """Run `check-config` on a file with these client senders and routes."""
+    (tmp_path / "secret.txt").write_text(SECRET + "\n")
+    path = tmp_path / "relay.yaml"
+    path.write_text(OFFLINE_CONFIG.format(senders=senders, routes=routes))
+    out = io.StringIO()
+    return main(["check-config", "-c", str(path)], out=out), out.getvalue()
+
+
+@pytest.mark.parametrize("pattern", ["*", "*@*", "ops@*"])
+def test_check_config_warns_about_a_client_that_may_send_as_any_domain(
+    tmp_path: Path, pattern: str
+) -> None:
+    """#11 item 5: `senders: ["*"]` (or any pattern with a wildcard-only domain) lets a forged
+    MAIL FROM through and turns bounces into backscatter. check-config still exits 0, names the
+    key, says what to write instead and ends with a summary line."""
+    code, output = check_config(tmp_path, f'["scanner@contoso.com", "{pattern}"]')
+    assert code == 0
+    assert f"clients[0].senders[1]: '{pattern}' matches senders at every domain" in output
+    assert "backscatter" in output
+    assert "fix: list the senders this client really uses, such as '*@contoso.com'" in output
+    assert output.rstrip().endswith("check-config: valid, 1 warning")
+
+
+def test_check_config_counts_every_warning(tmp_path: Path) -> None:
+    """Two such patterns are two warnings, each at its own key."""
+    code, output = check_config(tmp_path, '["*", "*@*"]')
+    assert code == 0
+    assert "clients[0].senders[0]:" in output
+    assert "clients[0].senders[1]:" in output
+    assert output.rstrip().endswith("check-config: valid, 2 warnings")
+
+
+def test_check_config_without_warnings_says_so(tmp_path: Path) -> None:
+    """Senders named by domain or address are fine: no Warnings section, the summary says so."""
+    code, output = check_config(tmp_path, '["*@contoso.com", "scanner@fabrikam.com"]')
+    assert code == 0
+    assert "Warnings" not in output
+    assert "messages in DATA hold at most 536870912 bytes together" in output
+    assert "\nAdmin: http://127.0.0.1:9025/ (Host header: 127.0.0.1, localhost)" in output
+    assert output.rstrip().endswith("check-config: valid, no warnings")
+
+
+def test_check_config_shows_each_route_by_the_name_logs_and_metrics_use(tmp_path: Path) -> None:
+    """The routing table names each route as logs and metrics do: its `name`, else its first
+    sender pattern; with its senders, auth object, mailbox and the options that change the
+    message."""
+    routes = (
+        "  - name: alerts\n"
+        "    senders: [alerts@contoso.com, ops@contoso.com]\n"
+        "    auth_object: contoso\n"
+        "    mailbox: noreply@contoso.com\n"
+        "    save_to_sent_items: false\n"
+        "  - {senders: ['*@contoso.com'], auth_object: contoso}"
+    )
+    code, output = check_config(tmp_path, '["*@contoso.com"]', routes)
+    assert code == 0
+    lines = output.splitlines()
+    first = lines.index(
+        '  routes[0] "alerts": alerts@contoso.com, ops@contoso.com -> contoso, noreply@contoso.com'
+    )
+    assert lines[first + 1] == "      rewrite_from false, save_to_sent_items false"
+    assert lines[first + 2] == (
+        '  routes[1] "*@contoso.com" (named after its first sender): '
+        "*@contoso.com -> contoso, the sender's own mailbox"
+    )
 
 
 async def test_test_auth_succeeds_and_shows_the_roles(sandbox: Sandbox, tmp_path: Path) -> None:

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import textwrap
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from cryptography.hazmat.primitives import hashes
+from pydantic import BaseModel
 
-from relay.config.load import load_config, parse_config
-from relay.config.schema import ClientCertificate, ClientSecret, parse_duration, parse_size
+from relay.config.load import load_config, parse_auth_object, parse_config
+from relay.config.schema import (
+    AuthObjectConfig,
+    ClientCertificate,
+    ClientSecret,
+    Config,
+    parse_duration,
+    parse_size,
+)
 from relay.core.errors import ConfigError
 from tests.certificates import self_signed
 
@@ -60,17 +71,56 @@ def test_minimal_config_gets_safe_defaults() -> None:
     assert auth.credential == ClientSecret(SECRET)
 
 
-def test_the_example_config_validates(tmp_path: Path) -> None:
-    """config.example.yaml is valid when run as systemd would: the secret in the credentials
+def _example_config(tmp_path: Path) -> Config:
+    """config.example.yaml loaded as systemd would run it: the secret in the credentials
     directory, the TLS files present."""
     text = (REPO / "config.example.yaml").read_text()
     (tmp_path / "contoso").write_text(SECRET + "\n")
     cert_file, key_file = self_signed("relay").write(tmp_path, "tls")
     text = text.replace("/etc/smtp-graph-relay/tls.crt", str(cert_file))
     text = text.replace("/etc/smtp-graph-relay/tls.key", str(key_file))
-    config = parse_config(text, environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    return parse_config(text, environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+
+
+def test_the_example_config_validates(tmp_path: Path) -> None:
+    """config.example.yaml is valid when run as systemd would: the secret in the credentials
+    directory, the TLS files present."""
+    config = _example_config(tmp_path)
     assert config.auth_objects["contoso"].credential == ClientSecret(SECRET)
     assert len(config.routes) >= 1
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted path, key) of every key the schema knows, sections included."""
+    found = []
+    for key, info in model.model_fields.items():
+        found.append((f"{prefix}{key}", key))
+        for sub in (info.annotation, *get_args(info.annotation)):
+            for inner in (sub, *get_args(sub)):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    found += _keys(inner, f"{prefix}{key}.")
+    return found
+
+
+def test_the_example_config_documents_every_key() -> None:
+    """Every key of the schema, the new ones included (smtp.max_data_memory, admin.hostnames,
+    routes[].name), is written in config.example.yaml, set or in a comment, as `key:`."""
+    text = (REPO / "config.example.yaml").read_text()
+    keys = _keys(Config)
+    assert {"smtp.max_data_memory", "admin.hostnames", "routes.name"} <= {p for p, _ in keys}
+    missing = [
+        path for path, key in keys if not re.search(rf"(^|[\s{{,#-]){re.escape(key)}:", text, re.M)
+    ]
+    assert not missing, f"config.example.yaml does not mention: {', '.join(missing)}"
+
+
+def test_the_example_config_sets_the_new_keys(tmp_path: Path) -> None:
+    """The example shows the new keys with working values: a route name, the DATA memory budget
+    and the admin page's extra host names."""
+    config = _example_config(tmp_path)
+    assert config.routes[0].label == "contoso-senders"
+    assert config.smtp.max_data_memory == 512 * 2**20  # the default, written out
+    assert config.admin.hostnames == []
 
 
 @pytest.mark.parametrize(
@@ -323,3 +373,105 @@ def test_sizes(text: object, expected: int) -> None:
 def test_durations(text: object, expected: float) -> None:
     """Durations take ms, s, m, h, d, combinations, or plain seconds."""
     assert parse_duration(text) == expected
+
+
+def test_the_schema_reads_no_file(tmp_path: Path) -> None:
+    """The pure models accept a credential path without opening it; the credential is only
+    there once the loader has read it, and asking earlier says so."""
+    auth = AuthObjectConfig.model_validate(
+        {"tenant_id": TENANT, "client_id": APP, "client_secret_file": str(tmp_path / "absent")}
+    )
+    assert auth.client_secret_file == tmp_path / "absent"
+    with pytest.raises(RuntimeError, match=r"relay\.config\.load"):
+        _ = auth.credential
+
+
+def test_an_inline_secret_needs_no_loader() -> None:
+    """client_secret written in the file is resolved by the model itself: nothing to read."""
+    auth = AuthObjectConfig.model_validate(
+        {"tenant_id": TENANT, "client_id": APP, "client_secret": SECRET + "\n"}
+    )
+    assert auth.credential == ClientSecret(SECRET)
+
+
+def test_the_loader_fills_in_this_hosts_name() -> None:
+    """smtp.hostname defaults to this host's fully qualified name, taken at load time."""
+    config = parse_config(MINIMAL, environ={"RELAY_SECRET": SECRET})
+    assert config.smtp.hostname == socket.getfqdn()
+
+
+def test_an_empty_hostname_written_out_is_refused() -> None:
+    """Only the default is filled in; `hostname: ""` in the file is a mistake."""
+    message = problems_of(MINIMAL + 'smtp: {hostname: ""}')
+    assert "smtp.hostname: must be this host's name" in message
+
+
+def test_a_relative_spool_dir_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    """delivery.spool_dir: spool puts the spool next to the config file, not in the cwd."""
+    config = parse(MINIMAL + "delivery: {spool_dir: spool}", tmp_path)
+    assert config.delivery.spool_dir == tmp_path / "spool"  # type: ignore[attr-defined]
+
+
+def test_file_problems_are_reported_with_the_schema_problems(tmp_path: Path) -> None:
+    """One run names every mistake: a typo elsewhere does not hide a missing secret file or
+    a missing TLS certificate."""
+    text = (
+        MINIMAL.replace("client_secret_env: RELAY_SECRET", "client_secret_file: nope.txt")
+        + "smtp: {max_recipients: many, tls: {cert_file: gone.crt, key_file: gone.key}}"
+    )
+    message = problems_of(text, tmp_path)
+    assert "smtp.max_recipients:" in message
+    assert "nope.txt does not exist" in message
+    assert "gone.crt does not exist" in message
+
+
+def test_file_problems_are_reported_with_the_cross_references(tmp_path: Path) -> None:
+    """A route naming an unknown auth object and an unreadable secret: both in one report."""
+    text = MINIMAL.replace(
+        "client_secret_env: RELAY_SECRET", "client_secret_file: nope.txt"
+    ).replace("auth_object: contoso", "auth_object: contosso")
+    message = problems_of(text, tmp_path)
+    assert "routes[0].auth_object:" in message
+    assert "nope.txt does not exist" in message
+
+
+def test_a_missing_ca_file_names_the_auth_object(tmp_path: Path) -> None:
+    """ca_file is checked when the file is loaded, relative to the config file."""
+    message = problems_of(
+        MINIMAL.replace("client_secret_env:", "ca_file: proxy-ca.pem\n    client_secret_env:"),
+        tmp_path,
+    )
+    assert f"auth_objects.contoso: ca_file {tmp_path}/proxy-ca.pem does not exist" in message
+
+
+def test_one_auth_object_loads_as_parse_config_would(tmp_path: Path) -> None:
+    """parse_auth_object reads one app registration's credential like a whole file does, and
+    reports its problems at `auth_objects.NAME`."""
+    (tmp_path / "secret.txt").write_text(SECRET + "\n")
+    data = {"tenant_id": TENANT, "client_id": APP, "client_secret_file": "secret.txt"}
+    auth = parse_auth_object(data, base_dir=tmp_path, environ={})
+    assert auth.credential == ClientSecret(SECRET)
+    with pytest.raises(ConfigError, match=r"auth_objects\.app: client_secret_file .* not exist"):
+        parse_auth_object({**data, "client_secret_file": "x"}, name="app", base_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        # two explicit names
+        "  - {name: main, senders: ['a@contoso.com'], auth_object: contoso}\n"
+        "  - {name: main, senders: ['*@contoso.com'], auth_object: contoso}\n",
+        # a name equal to another route's first sender pattern, its default name
+        "  - {senders: ['*@contoso.com'], auth_object: contoso}\n"
+        "  - {name: '*@contoso.com', senders: ['b@contoso.com'], auth_object: contoso}\n",
+    ],
+)
+def test_two_routes_may_not_share_a_name(routes: str) -> None:
+    """Logs and metrics name routes by `RouteConfig.label`; two equal labels are refused."""
+    text = MINIMAL.replace(
+        'routes:\n  - senders: ["*@contoso.com"]\n    auth_object: contoso\n', "routes:\n" + routes
+    )
+    assert text != MINIMAL
+    message = problems_of(text)
+    assert "routes[1].name: this route is called" in message
+    assert "like routes[0]" in message
