@@ -64,7 +64,7 @@ from datetime import datetime
 from email.utils import format_datetime
 from urllib.parse import unquote
 
-from relay.core.message.headers import split_message
+from relay.core.message.headers import split_header_from_body
 
 __all__ = ["BounceRequest", "FailedRecipient", "build_dsn", "is_bounce"]
 
@@ -324,7 +324,7 @@ def _report_part(request: BounceRequest, addresses: Sequence[str]) -> bytes:
 
 
 def _headers_part(original: bytes) -> bytes:
-    fields = split_message(original).fields
+    fields = split_header_from_body(original).fields
     block = b"".join(field.raw for field in fields)
     lines = re.split(rb"\r?\n", block)
     if lines and lines[-1] == b"":
@@ -478,7 +478,7 @@ def is_bounce(raw: bytes) -> bool:
     RFC 6533's global-delivery-status), in any case, quoting or folding, or when an Auto-Submitted
     field has a value other than "no" (RFC 3834 §5). Only the header block is read; never raises.
     """
-    for field in split_message(raw).fields:
+    for field in split_header_from_body(raw).fields:
         if field.key == "content-type" and _is_report(field.text):
             return True
         if field.key == "auto-submitted" and _is_auto_submitted(field.text):

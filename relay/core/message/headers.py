@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 __all__ = [
     "Field",
-    "SplitMessage",
+    "HeaderAndBody",
     "decode_header_text",
     "fold_field",
     "simple_field",
-    "split_message",
+    "split_header_from_body",
 ]
 
 _FIELD_START = re.compile(rb"([!-9;-~]+)[ \t]*:")
@@ -50,7 +50,7 @@ class Field:
 
 
 @dataclass(frozen=True, slots=True)
-class SplitMessage:
+class HeaderAndBody:
     """A message as header fields, the empty line after them and the body (never looked at)."""
 
     fields: tuple[Field, ...]
@@ -106,7 +106,7 @@ def simple_field(name: str, value: str, eol: bytes) -> Field:
     return Field(f"{name}: {value}".encode() + eol, name.encode("ascii"), len(name) + 1)
 
 
-def split_message(raw: bytes) -> SplitMessage:
+def split_header_from_body(raw: bytes) -> HeaderAndBody:
     """Cut a message into header fields, the separating empty line and the untouched body."""
     first_lf = raw.find(b"\n")
     eol = b"\n" if first_lf >= 0 and raw[first_lf - 1 : first_lf] != b"\r" else b"\r\n"
@@ -140,7 +140,7 @@ def split_message(raw: bytes) -> SplitMessage:
         )
         for n, (start, m) in enumerate(starts)
     ]
-    return SplitMessage(tuple(fields), separator, raw, body_start, eol)
+    return HeaderAndBody(tuple(fields), separator, raw, body_start, eol)
 
 
 # --- decoded values for logs ----------------------------------------------------------------------

@@ -37,7 +37,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 from relay.core.errors import RelayError, SmtpReply
-from relay.core.message.headers import Field, split_message
+from relay.core.message.headers import Field, split_header_from_body
 
 __all__ = [
     "Attachment",
@@ -151,7 +151,7 @@ class Entity:
 
     @classmethod
     def parse(cls, raw: bytes, default_type: str = "text/plain") -> Entity:
-        split = split_message(raw)
+        split = split_header_from_body(raw)
         header_bytes = b"".join(f.raw for f in split.fields)
         headers = BytesHeaderParser(policy=compat32).parsebytes(header_bytes)
         headers.set_default_type(default_type)

@@ -38,9 +38,9 @@ from typing import Literal
 __all__ = [
     "BIG_ATTACHMENT",
     "BigAttachment",
-    "SplitMessage",
+    "SkeletonSplit",
     "iter_decoded",
-    "split_message",
+    "split_off_big_attachments",
 ]
 
 # attachment-createuploadsession.md: "Use this approach to attach a file if the file size is
@@ -86,7 +86,7 @@ class BigAttachment:
 
 
 @dataclass(frozen=True, slots=True)
-class SplitMessage:
+class SkeletonSplit:
     """The skeleton (a complete message) and the attachments to upload separately, in order."""
 
     skeleton: bytes
@@ -133,7 +133,7 @@ def iter_decoded(source: bytes, start: int, end: int, encoding: Encoding) -> Ite
         yield binascii.a2b_base64(carry[:usable])
 
 
-def split_message(source: bytes, *, threshold: int = BIG_ATTACHMENT) -> SplitMessage:
+def split_off_big_attachments(source: bytes, *, threshold: int = BIG_ATTACHMENT) -> SkeletonSplit:
     """Leave out of `source` every attachment whose decoded size is at least `threshold`.
 
     Attachments are leaf parts below a multipart other than text/plain and text/html bodies
@@ -145,7 +145,7 @@ def split_message(source: bytes, *, threshold: int = BIG_ATTACHMENT) -> SplitMes
     pieces = walker.entity(0, len(source), depth=0, top=True)
     assert pieces is not None
     skeleton = b"".join(p if isinstance(p, bytes) else source[p[0] : p[1]] for p in pieces)
-    return SplitMessage(skeleton=skeleton, attachments=tuple(walker.found))
+    return SkeletonSplit(skeleton=skeleton, attachments=tuple(walker.found))
 
 
 # --- the walk --------------------------------------------------------------------------------
