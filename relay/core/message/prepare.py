@@ -49,7 +49,7 @@ from relay.core.message.addresses import (
     parse_address_list,
 )
 from relay.core.message.authors import Authors, UnreadableAuthorError, read_authors
-from relay.core.message.dsn import BounceRequest, FailedRecipient, build_dsn, is_bounce
+from relay.core.message.dsn import BounceRequest, FailedRecipient, build_dsn
 from relay.core.message.graph_json import (
     CannotConvertError,
     GraphJsonTooLargeError,
@@ -63,6 +63,7 @@ from relay.core.message.headers import (
     simple_field,
     split_header_from_body,
 )
+from relay.core.message.loops import is_bounce
 from relay.core.message.recipients import RECIPIENT_FIELDS, canonical_authors, reconcile_fields
 
 __all__ = [
