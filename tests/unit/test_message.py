@@ -10,7 +10,7 @@ from email.utils import getaddresses
 import pytest
 
 from relay.core.errors import RelayError
-from relay.core.message.headers import decode_header_text, split_header_from_body
+from relay.core.message.headers import decode_header_text, decode_words, split_header_from_body
 from relay.core.message.prepare import (
     AddressItem,
     Envelope,
@@ -843,3 +843,11 @@ def test_an_author_in_canonical_form_is_left_byte_for_byte() -> None:
     line = 'From: "Scanner, Floor 2" <scanner@contoso.com> (device 7)'
     prepared = prepare(msg(line, "To: alice@contoso.com"), "alice@contoso.com")
     assert fields(prepared.mime, "from") == [line.encode() + b"\r\n"]
+
+
+def test_the_one_rfc_2047_decoder_keeps_or_replaces_an_undecodable_word() -> None:
+    """Strict (the JSON form's subject and names): the word stays as written (RFC 2047 §6.3);
+    errors="replace" (the log's subject): it becomes U+FFFD. Adjacent words are joined."""
+    assert decode_words("=?utf-8?B?/w==?=") == "=?utf-8?B?/w==?="
+    assert decode_words("=?utf-8?B?/w==?=", errors="replace") == "\ufffd"
+    assert decode_words("=?utf-8?Q?a?=\r\n =?utf-8?Q?b?= c") == "ab c"

@@ -18,6 +18,7 @@ __all__ = [
     "Field",
     "HeaderAndBody",
     "decode_header_text",
+    "decode_words",
     "fold_field",
     "simple_field",
     "split_header_from_body",
@@ -148,16 +149,32 @@ def split_header_from_body(raw: bytes) -> HeaderAndBody:
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
 
 
-def _decode_word(match: re.Match[str]) -> str:
+def _decode_word(match: re.Match[str], errors: str) -> str:
     charset, encoding, data = match.group(1).split("*")[0], match.group(2).upper(), match.group(3)
     try:
         if encoding == "B":
             octets = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
         else:
             octets = binascii.a2b_qp(data.encode("ascii"), header=True)
-        return octets.decode(charset, "replace")
-    except (ValueError, LookupError):  # binascii.Error and UnicodeError are ValueErrors
+        return octets.decode(charset, errors)
+    except (ValueError, LookupError):  # a malformed word stays as written (RFC 2047 §6.3)
         return match.group(0)
+
+
+def decode_words(text: str, *, errors: str = "strict") -> str:
+    """The one RFC 2047 decoder: encoded words decoded, whitespace between adjacent encoded
+    words dropped (§6.2). A word that is malformed, names an unknown charset or (with
+    errors="strict") does not decode in its charset stays as written (§6.3)."""
+    parts: list[str] = []
+    last, previous_was_word = 0, False
+    for match in _ENCODED_WORD.finditer(text):
+        between = text[last : match.start()]
+        if not (previous_was_word and not between.strip(" \t\r\n")):
+            parts.append(between)
+        parts.append(_decode_word(match, errors))
+        last, previous_was_word = match.end(), True
+    parts.append(text[last:])
+    return "".join(parts)
 
 
 def decode_header_text(value: bytes) -> str:
@@ -166,15 +183,6 @@ def decode_header_text(value: bytes) -> str:
         text = value.decode("utf-8")
     except UnicodeDecodeError:
         text = value.decode("latin-1")
-    parts: list[str] = []
-    last, previous_was_word = 0, False
-    for match in _ENCODED_WORD.finditer(text):
-        between = text[last : match.start()]
-        if not (previous_was_word and not between.strip()):  # RFC 2047 §6.2
-            parts.append(between)
-        parts.append(_decode_word(match))
-        last, previous_was_word = match.end(), True
-    parts.append(text[last:])
-    decoded = "".join(parts)
+    decoded = decode_words(text, errors="replace")
     printable = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in decoded)
     return " ".join(printable.split())
