@@ -1,6 +1,6 @@
 """RFC 5322 address lists (§3.4, with the §4.4 obsolete forms tolerated), tokenized losslessly.
 
-Each item remembers the exact text it was parsed from, so that `relay.message` can drop some items
+Each item remembers the exact text it was parsed from, so that `message.prepare` can drop some items
 of a To/Cc/Bcc field and re-emit the others exactly as the client wrote them: quoted display names
 with commas or `@`, RFC 2047 encoded words, comments, 8-bit bytes (decoded with surrogateescape).
 The stdlib's `email.utils.getaddresses` is not used because it normalises and, for some inputs,

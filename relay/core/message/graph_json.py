@@ -8,14 +8,14 @@ different representation, not a copy, so this module states exactly what survive
 loudly, what cannot be carried over without changing what the recipient gets.
 
 Pure like the rest of the message core: bytes and values in, a frozen value out; standard library,
-`relay.errors` and `relay.mime` only.
+`relay.core.errors` and `relay.core.message` only.
 """
 
 # Theory of operation
 # ===================
 #
 # Reading the MIME tree (splitting, decoding, choosing the body and the attachments) is
-# `relay.mime.parts`'s; nothing is re-encoded, so attachment bytes are exactly the bytes any MIME
+# `message.parts`'s; nothing is re-encoded, so attachment bytes are exactly the bytes any MIME
 # reader would get. This module maps the result and the top-level header fields onto the resource.
 #
 # What the JSON form carries:
@@ -44,7 +44,7 @@ Pure like the rest of the message core: bytes and values in, a frozen value out;
 # sent this way does not thread in clients that rely on them), Sensitivity, List-* and any other
 # non-X field. Those are representation, not content, for the routes that choose JSON.
 #
-# What is refused with `CannotConvertError` (554 5.6.0, mostly raised by `relay.mime.parts`)
+# What is refused with `CannotConvertError` (554 5.6.0, mostly raised by `relay.core.message.parts`)
 # instead of being changed silently: multipart/signed, multipart/encrypted and
 # application/pkcs7-mime (a converted message loses or breaks its signature); a text/calendar
 # invitation that is not an attachment (it would arrive as an .ics file, not as a meeting

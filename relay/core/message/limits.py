@@ -3,7 +3,7 @@
 Why this module exists: the SMTP listener must refuse, before anything else looks at a message,
 the content that makes downstream parsers disagree (SMTP smuggling, NUL characters, bare CRs in
 the header block) or that costs more than it is worth to parse (a huge header block, MIME nested
-hundreds of levels deep). Like the rest of `relay.mime` it is pure: bytes in, a verdict out, no
+hundreds of levels deep). Like the rest of the message core it is pure: bytes in, a verdict out, no
 I/O, no clock. It never parses a message into an object model; it follows the MIME structure line
 by line, remembering only the open multipart boundaries and the header field being read, so its
 memory is bounded by the header limit, whatever the size of the message.
@@ -37,7 +37,7 @@ Replies (RFC 3463 enhanced codes):
 #
 #   reject (default)  Refuse only the ambiguous cases: a "." line next to a bare CR or LF, and a
 #                     bare CR in the message's header block (a parser that splits lines at CR
-#                     would see other header fields, e.g. a hidden Bcc, than `relay.message`
+#                     would see other header fields, e.g. a hidden Bcc, than `message.prepare`
 #                     does). Every other bare LF or CR is passed through byte for byte.
 #   normalize         Treat every bare CR and bare LF as if the client had sent CRLF: the line is
 #                     cut into lines ending in CRLF, each loses one leading dot of transparency
@@ -46,7 +46,7 @@ Replies (RFC 3463 enhanced codes):
 #
 # Why not refuse every bare LF, as Postfix does with smtpd_forbid_bare_newline = reject? Because
 # DESIGN §7 promises the legacy devices this relay exists for that "bare LF inside the body of an
-# otherwise valid message" is tolerated, and such devices are common (`relay.mime.headers` keeps
+# otherwise valid message" is tolerated, and such devices are common (`message.headers` keeps
 # their line endings on purpose). Postfix reaches the same compromise another way: its
 # smtpd_forbid_bare_newline_exclusions default to $mynetworks, the LAN clients this relay serves.
 # The end-of-DATA ambiguity, which is the attack, is refused either way; a bare LF that cannot end

@@ -1,20 +1,20 @@
 """The MIME tree of a prepared message, read for the JSON form of `sendMail`: one body, attachments.
 
-Why this module exists: `relay.mime.graph_json` maps a message onto Graph's `message` resource,
+Why this module exists: `message.graph_json` maps a message onto Graph's `message` resource,
 and most of that work is reading MIME, not writing JSON: splitting multiparts, removing transfer
 encodings, decoding charsets and RFC 2047 words, choosing the one body and turning every other
 leaf into an attachment. That reading lives here; the mapping of headers and recipients onto the
 resource stays in `graph_json`, whose header lists what is carried and what is refused.
 
 Pure like the rest of the message core: bytes in, frozen values out; standard library,
-`relay.errors` and `relay.mime.headers` only. Code outside the message core imports from
-`relay.message`.
+`relay.core.errors` and `message.headers` only. Code outside the message core imports from
+`relay.core.message.prepare`.
 """
 
 # Theory of operation
 # ===================
 #
-# The message is cut into its MIME tree without re-encoding anything: `relay.mime.headers` splits
+# The message is cut into its MIME tree without re-encoding anything: `message.headers` splits
 # each entity into header fields and body, multipart bodies are split at their boundary lines
 # (RFC 2046 §5.1.1: the line ending before a delimiter belongs to the delimiter). Only leaf bodies
 # are decoded (base64, quoted-printable, 7bit/8bit/binary), so attachment bytes are exactly the

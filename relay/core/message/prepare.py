@@ -2,7 +2,7 @@
 
 Bytes and values in, bytes and values out. No I/O, clocks or randomness: the time, the queue id,
 the Message-ID local part and the host names are passed in by the caller. Imports only the standard
-library, `relay.errors` and its own helpers in `relay.mime`.
+library, `relay.core.errors` and its own helpers in `relay.core.message`.
 """
 
 # Theory of operation
@@ -13,7 +13,7 @@ library, `relay.errors` and its own helpers in `relay.mime`.
 # recipients, and that the message otherwise arrives byte for byte as the client sent it. So we
 # never parse a message into an object model and serialise it back: that would re-encode headers,
 # re-fold lines and re-wrap bodies. Instead the message is cut into three byte strings
-# (`relay.mime.headers`):
+# (`relay.core.message.headers`):
 #
 #     header fields (each with its own continuation lines and line ending) | separator | body
 #
@@ -21,7 +21,7 @@ library, `relay.errors` and its own helpers in `relay.mime`.
 # the exact bytes they arrived as, except:
 #
 #   * To/Cc/Bcc fields whose address list actually changes. Their value is tokenized (RFC 5322
-#     §3.4, with the §4.4 obsolete forms tolerated; `relay.mime.addresses`) into items that
+#     §3.4, with the §4.4 obsolete forms tolerated; `relay.core.message.addresses`) into items that
 #     remember the exact text they came from; a re-emitted field is those kept texts joined by
 #     ", " and folded between items. A field that keeps all its items is not re-emitted at all.
 #   * New fields: `Received:` at the top (RFC 5321 §4.4), and at the end a `Bcc:` for envelope

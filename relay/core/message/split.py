@@ -10,7 +10,7 @@ out; no I/O.
 # Theory of operation
 # ===================
 #
-# Like `relay.message`, this never parses the message into an object model and serialises it
+# Like `message.prepare`, this never parses the message into an object model and serialises it
 # back. It walks the MIME tree by byte offsets into the one copy of the message the caller
 # holds: an entity is `header block | empty line | body`, a multipart body is
 # `preamble (delimiter part)* close-delimiter epilogue`, where a delimiter line is `--boundary`

@@ -11,7 +11,7 @@ bounded by the header limit whatever the size of the message.
 # ===================
 #
 # Header blocks and MIME nesting are followed with a small state machine over the content's lines
-# (LF-terminated, CR optional, as `relay.mime.headers` reads them): a header block ends at the
+# (LF-terminated, CR optional, as `message.headers` reads them): a header block ends at the
 # first empty line, or at a line that is neither a field nor a continuation; a `multipart/*`
 # Content-Type with a boundary opens a level, as does a `message/rfc822` or `message/global` part
 # (whose body starts with another header block); `--boundary` starts the next part and
@@ -79,7 +79,7 @@ class ContentRefusedError(RelayError):
 
 # --- MIME structure --------------------------------------------------------------------------
 
-_FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 §2.2 ftext, as relay.mime.headers
+_FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 §2.2 ftext, as message.headers
 _CONTENT_FIELD = re.compile(rb"(?i)content-(type|transfer-encoding)[ \t]*:")
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 2045 §5.1 token
 _MEDIA_TYPE = re.compile(rb"\s*(" + _TOKEN + rb")\s*/\s*(" + _TOKEN + rb")")
