@@ -226,7 +226,7 @@ def _strict_addr_spec(tokens: Sequence[_Token]) -> str | None:
     if len(ats) > 1:
         return None
     local = tokens[: ats[0]] if ats else tokens
-    quoted_local = len(local) == 1 and local[0].kind == "quoted"
+    quoted_local = bool(ats) and len(local) == 1 and local[0].kind == "quoted"
     if not (quoted_local or _strict_dot_atom(local)):
         return None
     domain = tokens[ats[0] + 1 :] if ats else None
