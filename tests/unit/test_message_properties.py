@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import email
 import re
-from email.headerregistry import HeaderRegistry
+from email.headerregistry import AddressHeader, HeaderRegistry
 from email.policy import compat32
 from email.utils import getaddresses
 
@@ -222,6 +222,7 @@ def stdlib_authors(value: str) -> tuple[str, ...] | None:
     cannot read the value at all."""
     try:
         header = _REGISTRY("From", value)
+        assert isinstance(header, AddressHeader)
         return tuple(dict.fromkeys(fold_ascii(a.addr_spec) for a in header.addresses))
     except Exception:
         return None
