@@ -77,10 +77,24 @@ async def test_the_allowed_author_in_any_ascii_case_is_delivered(
 ) -> None:
     """The refusals above are not a refusal of everything: a plain From goes through."""
     relay = await start_relay(clients=SCANNER_ONLY)
-    raw = mail("From: Scanner <Scanner@Contoso.COM>", "Reply-To: helpdesk@contoso.com")
+    raw = mail("From: Scanner <Scanner@Contoso.COM>")
     outcome = await asmtp_send(relay.listeners[0].port, raw, sender=SCANNER)
     assert (outcome.code, outcome.text[:5]) == (250, "2.0.0"), outcome
     assert len(sandbox.received) == 1
+
+
+async def test_reply_to_is_not_checked_but_logged(
+    start_relay: RelayFactory, sandbox: Sandbox, log_records: pytest.LogCaptureFixture
+) -> None:
+    """Reply-To is not an author: another domain there is delivered, and the log names it."""
+    relay = await start_relay(clients=SCANNER_ONLY)
+    raw = mail("From: scanner@contoso.com", "Reply-To: Someone <Else@Fabrikam.example>")
+    outcome = await asmtp_send(relay.listeners[0].port, raw, sender=SCANNER)
+    assert (outcome.code, outcome.text[:5]) == (250, "2.0.0"), outcome
+    assert len(sandbox.received) == 1
+    logged = [r for r in log_records.records if getattr(r, "event", None) == "reply_to"]
+    assert [r.getMessage() for r in logged] == ["reply-to else@fabrikam.example (not checked)"]
+    assert logged[0].name == "relay.smtp"
 
 
 async def test_a_cc_with_two_readings_reaches_graph_with_one(
