@@ -69,6 +69,8 @@ async def test_a_unicode_look_alike_of_the_allowed_sender_is_refused(
     raw = mail("From: \u017fcanner@contoso.com")
     outcome = await asmtp_send(relay.listeners[0].port, raw, sender=SCANNER)
     assert (outcome.code, outcome.text[:5]) == (550, "5.7.1"), outcome
+    # The relay's own sender policy refused it, not Graph's Send-As check after the fact.
+    assert "is not allowed for client printers" in outcome.text
     assert sandbox.received == []
 
 
