@@ -27,7 +27,12 @@ from relay.config.advice import config_warnings
 from relay.config.load import load_config
 from relay.config.schema import ClientCertificate, Config
 from relay.core.errors import ConfigError, DeliveryError, PolicyError
-from relay.core.message.prepare import Envelope, TraceInfo, prepare_for_graph
+from relay.core.message.prepare import (
+    Envelope,
+    TraceInfo,
+    prepare_for_graph,
+    split_header_from_body,
+)
 from relay.core.policy import choose_route
 from relay.core.values import SendTarget
 from relay.ops.logs import setup_logging
@@ -282,7 +287,7 @@ async def test_mail(config: Config, sender: str, recipient: str, out: TextIO) ->
     )
     queue_id = f"TEST{now:%Y%m%d%H%M%S}"
     prepared = prepare_for_graph(
-        message.as_bytes(policy=message.policy.clone(linesep="\r\n")),
+        split_header_from_body(message.as_bytes(policy=message.policy.clone(linesep="\r\n"))),
         Envelope(mail_from=sender, recipients=(recipient,)),
         TraceInfo(
             relay_hostname=config.smtp.hostname,

@@ -12,7 +12,13 @@ The SMTP layer calls these at the moment RFC 5321 lets it refuse:
   then, and a null reverse-path `<>` is routed by the header From).
 
 Refusals raise `PolicyError` carrying the exact RFC 5321 reply with its RFC 3463 enhanced code.
-Address patterns are shell-style globs matched case-insensitively against the whole address.
+Address patterns are shell-style globs matched against the whole address, case-insensitively as
+Exchange compares addresses: ASCII letters only (`fold_ascii`). Unicode case folding would make
+`x@straße.de` match a pattern for `x@strasse.de`, and the long s or the Kelvin sign match s/k.
+
+The author addresses `check_authors` gets come from `relay.core.message.authors.read_authors`,
+which has already refused a present From/Sender/Resent-From that yields no address or an
+ambiguous one, so an empty list here means the message has no author field at all.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
 from relay.core.errors import PolicyError, SmtpReply
+from relay.core.message.addresses import fold_ascii
 from relay.core.values import Route
 
 if TYPE_CHECKING:  # annotations only: pydantic loads socket (importlib.metadata, email)
@@ -46,9 +53,9 @@ def _shown(text: str, limit: int = 200) -> str:
 
 
 def matches_any(address: str, patterns: Sequence[str]) -> bool:
-    """True when `address` matches one of the glob `patterns` (case-insensitive)."""
-    folded = address.casefold()
-    return any(fnmatchcase(folded, pattern.casefold()) for pattern in patterns)
+    """True when `address` matches one of the glob `patterns`, ASCII case-insensitively."""
+    folded = fold_ascii(address)
+    return any(fnmatchcase(folded, fold_ascii(pattern)) for pattern in patterns)
 
 
 def identify_client(

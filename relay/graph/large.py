@@ -40,7 +40,7 @@ from relay.core.errors import (
     TransientDeliveryError,
 )
 from relay.core.limits import GRAPH_MAX_REQUEST_BYTES, base64_size
-from relay.core.message.split import BigAttachment, split_message
+from relay.core.message.split import BigAttachment, split_off_big_attachments
 from relay.core.values import SendTarget
 
 __all__ = [
@@ -251,7 +251,7 @@ async def send_large(
     way (skeleton over 4 MB, an attachment over 150 MB) is a permanent 552 5.3.4. When the
     attempt is cancelled, the draft is deleted by a task kept in `background` until it ends.
     """
-    parts = await asyncio.to_thread(split_message, mime)
+    parts = await asyncio.to_thread(split_off_big_attachments, mime)
     if base64_size(len(parts.skeleton)) > GRAPH_MAX_REQUEST_BYTES:
         raise _too_large("the text and small attachments exceed 4 MB")
     if any(a.size > MAX_ATTACHMENT for a in parts.attachments):

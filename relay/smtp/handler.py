@@ -41,8 +41,9 @@ from relay.core.message.prepare import (
 from relay.core.message.prepare import (
     TraceInfo,
     UnparseableMessageError,
-    author_addresses,
     prepare_for_graph,
+    read_authors,
+    split_header_from_body,
 )
 from relay.core.policy import (
     check_authors,
@@ -293,12 +294,19 @@ class RelayHandler:
         queue_id = self._new_queue_id()
         recipients = tuple(str(r) for r in envelope.rcpt_tos)
         try:
-            authors = author_addresses(raw)
-            check_authors(client, authors)
-            sender = effective_sender(mail_from, authors)
+            message = split_header_from_body(raw)  # the one split of this DATA
+            authors = read_authors(message.fields)  # UnreadableAuthorError is a 550 5.7.1
+            if authors.reply_to:
+                log.info(
+                    "reply-to %s (not checked)",
+                    ", ".join(authors.reply_to),
+                    extra={"event": "reply_to", "queue_id": queue_id},
+                )
+            check_authors(client, authors.addresses)
+            sender = effective_sender(mail_from, authors.addresses)
             route = choose_route(config.routes, sender)
             prepared = prepare_for_graph(
-                raw,
+                message,
                 MessageEnvelope(mail_from=mail_from, recipients=recipients),
                 TraceInfo(
                     relay_hostname=config.smtp.hostname,
@@ -320,7 +328,7 @@ class RelayHandler:
             )
             return SmtpReply(554, "5.6.0", "Message headers cannot be parsed")
         # From here on only the prepared copy is needed: let a large original go now.
-        del raw
+        del raw, message
         envelope.content = envelope.original_content = None
         return await self._submitter.submit(
             Submission(

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.core.message.headers import split_message
+from relay.core.message.headers import split_header_from_body
 from relay.graph.client import GraphClient
 from relay.sandbox import Sandbox
 from relay.service import RelayService
@@ -146,7 +146,7 @@ async def test_mime_path_keeps_the_message_byte_for_byte(
     assert mail.mime is not None
     assert sorted(mail.recipients) == sorted(r.lower() for r in recipients)
 
-    sent, got = split_message(original), split_message(mail.mime)
+    sent, got = split_header_from_body(original), split_header_from_body(mail.mime)
     assert got.body == sent.body
     assert leaves(parse(mail.mime)) == leaves(parse(original))
 

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from relay.core.message.dsn import MAX_QUOTED_HEADER
 from relay.core.message.prepare import BounceRequest, FailedRecipient, build_dsn, is_bounce
 
 NOW = datetime(2024, 3, 5, 14, 30, 7, tzinfo=timezone(timedelta(hours=1)))
@@ -326,6 +327,42 @@ def test_8bit_header_block_is_returned_quoted_printable_and_decodes_to_the_same_
     part = parts(raw)[2]
     assert part["Content-Transfer-Encoding"] == "quoted-printable"
     assert returned_headers(raw) == headers
+
+
+def test_a_74_kb_header_is_quoted_only_up_to_8_kb_of_whole_fields() -> None:
+    """Backscatter (issue #11 item 5): an attacker's 74 KB header made a 79 KB DSN. The DSN
+    quotes whole fields up to MAX_QUOTED_HEADER and says that it is shortened."""
+    padding = b"".join(b"X-Pad-%04d: " % n + b"p" * 60 + CRLF for n in range(1100))
+    original = ORIGINAL_HEADERS + padding + CRLF + BODY
+    assert len(original) > 74 * 1024
+    raw = build_dsn(request(original=original))
+    returned = returned_headers(raw)
+    assert len(returned) <= MAX_QUOTED_HEADER
+    assert returned.startswith(ORIGINAL_HEADERS)
+    assert returned.endswith(CRLF)
+    assert all(
+        re.fullmatch(rb"X-Pad-\d{4}: p{60}", line)
+        for line in returned[len(ORIGINAL_HEADERS) : -2].split(CRLF)
+    )
+    assert len(raw) < MAX_QUOTED_HEADER + 4 * 1024
+    text = parts(raw)[0].get_content()
+    assert "The first 8 KB of the header fields of your message" in " ".join(text.split())
+
+
+def test_a_single_field_over_8_kb_is_cut_at_a_line() -> None:
+    """A first field longer than the limit is quoted up to its last whole line that fits."""
+    huge = b"Subject: start" + b"".join(CRLF + b" " + b"w" * 70 for _ in range(200)) + CRLF
+    raw = build_dsn(request(original=huge + CRLF + BODY))
+    returned = returned_headers(raw)
+    assert 0 < len(returned) <= MAX_QUOTED_HEADER
+    assert huge.startswith(returned)
+    assert returned.endswith(CRLF)
+
+
+def test_a_header_within_8_kb_is_quoted_whole_without_a_note() -> None:
+    """The limit changes nothing for ordinary messages."""
+    text = parts(build_dsn(request()))[0].get_content()
+    assert "The header fields of your message are attached below" in " ".join(text.split())
 
 
 def test_mbox_from_line_is_not_returned_as_a_header() -> None:

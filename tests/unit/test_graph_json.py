@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.core.limits import GRAPH_MAX_REQUEST_BYTES
 from relay.core.message.graph_json import (
-    MAX_REQUEST_BYTES,
     CannotConvertError,
     GraphJsonTooLargeError,
     GraphMessage,
@@ -192,7 +192,7 @@ def test_nested_message_is_an_eml_attachment_with_its_own_octets() -> None:
 
 def test_too_large_for_one_request() -> None:
     """The JSON request must fit 4 MB: 552 5.3.4 otherwise."""
-    blob = base64.encodebytes(b"\0" * (MAX_REQUEST_BYTES * 3 // 4 + 1))
+    blob = base64.encodebytes(b"\0" * (GRAPH_MAX_REQUEST_BYTES * 3 // 4 + 1))
     raw = plain(
         HEAD + 'Content-Type: application/zip; name="a.zip"\nContent-Transfer-Encoding: base64\n',
         blob,
@@ -288,3 +288,16 @@ _RESERVED = {
     "content-transfer-encoding",
     "content-disposition",
 }
+
+
+def test_json_recipients_come_from_the_one_reconciliation() -> None:
+    """The JSON form reads the same decision as the MIME form: a Cc with two readings names
+    frank (the strict one), and a To no strict reading can read is left to Bcc."""
+    raw = plain(
+        "From: a@contoso.com\nTo: <bob@partner.example> eve@example.com\n"
+        "CC: eve@example.com <frank@example.com>\n"
+    )
+    message = convert(raw, "bob@partner.example", "frank@example.com")
+    assert [(r.address, r.name) for r in message.cc] == [("frank@example.com", "eve@example.com")]
+    assert message.to == ()
+    assert [r.address for r in message.bcc] == ["bob@partner.example"]

@@ -10,16 +10,17 @@ from email.utils import getaddresses
 import pytest
 
 from relay.core.errors import RelayError
-from relay.core.message.headers import decode_header_text, split_message
+from relay.core.message.headers import decode_header_text, decode_words, split_header_from_body
 from relay.core.message.prepare import (
     AddressItem,
     Envelope,
     PreparedMessage,
     TraceInfo,
     UnparseableMessageError,
-    author_addresses,
+    UnreadableAuthorError,
     parse_address_list,
     prepare_for_graph,
+    read_authors,
     reconcile_recipients,
     trace_protocol,
 )
@@ -51,7 +52,7 @@ def trace(**changes: object) -> TraceInfo:
 
 def prepare(raw: bytes, *recipients: str, **trace_changes: object) -> PreparedMessage:
     return prepare_for_graph(
-        raw,
+        split_header_from_body(raw),
         Envelope("scanner@contoso.com", recipients),
         trace(**trace_changes),
         message_id_local="m1.Q1A2B3",
@@ -60,7 +61,7 @@ def prepare(raw: bytes, *recipients: str, **trace_changes: object) -> PreparedMe
 
 def fields(raw: bytes, name: str) -> list[bytes]:
     """The raw bytes of each top-level field called `name` (any case), in order."""
-    return [f.raw for f in split_message(raw).fields if f.key == name.lower()]
+    return [f.raw for f in split_header_from_body(raw).fields if f.key == name.lower()]
 
 
 def header_addresses(raw: bytes) -> list[str]:
@@ -71,7 +72,7 @@ def header_addresses(raw: bytes) -> list[str]:
 
 
 def body(raw: bytes) -> bytes:
-    return split_message(raw).body
+    return split_header_from_body(raw).body
 
 
 # --- recipient reconciliation ---------------------------------------------------------------------
@@ -163,7 +164,6 @@ def test_named_group_without_any_envelope_member_becomes_an_empty_group() -> Non
     [
         '"Doe, Alice" <alice@contoso.com>',
         '"alice@contoso.com" <alice@contoso.com>',
-        "alice@contoso.com <alice@contoso.com>",
         "=?iso-8859-1?Q?J=F6rg?= <alice@contoso.com>",
         "=?utf-8?B?SsO2cmcsIERvZQ==?= <alice@contoso.com>",
         "alice@contoso.com (Alice, at her desk)",
@@ -217,13 +217,30 @@ def test_item_longer_than_a_line_is_never_split() -> None:
         ("Alice@Contoso.COM", "alice@contoso.com"),
         ("alice@contoso.com", "ALICE@CONTOSO.COM"),
         ('"alice"@contoso.com', "alice@contoso.com"),
-        ("jörg@contoso.com", "JÖRG@contoso.com"),
+        ("jörg@contoso.com", "jörg@CONTOSO.com"),
     ],
 )
 def test_addresses_match_case_insensitively(header: str, envelope: str) -> None:
-    """The whole address is compared casefolded; the header keeps its own spelling."""
+    """ASCII letters compare without case; the header keeps its own spelling."""
     raw = msg(f"To: {header}")
     assert reconcile_recipients(raw, [envelope]) == raw
+
+
+@pytest.mark.parametrize(
+    ("header", "envelope"),
+    [
+        ("x@straße.de", "x@strasse.de"),
+        ("jörg@contoso.com", "JÖRG@contoso.com"),
+        ("\u017fcanner@contoso.com", "scanner@contoso.com"),  # LATIN SMALL LETTER LONG S
+        ("\u212aim@contoso.com", "kim@contoso.com"),  # KELVIN SIGN
+    ],
+)
+def test_unicode_case_variants_are_other_recipients(header: str, envelope: str) -> None:
+    """Exchange folds ASCII case only: a header address that only Unicode folding makes equal
+    to the envelope one is another mailbox, removed, and the envelope one goes to Bcc."""
+    out = reconcile_recipients(msg(f"To: {header}"), [envelope])
+    assert fields(out, "to") == []
+    assert fields(out, "bcc") == [f"Bcc: {envelope}\r\n".encode()]
 
 
 def test_duplicate_envelope_recipients_count_once() -> None:
@@ -641,6 +658,10 @@ def test_author_addresses_are_from_and_sender(lines: list[str], expected: tuple[
     assert author_addresses(msg(*lines)) == expected
 
 
+def author_addresses(raw: bytes) -> tuple[str, ...]:
+    return read_authors(split_header_from_body(raw).fields).addresses
+
+
 def test_author_addresses_ignore_a_nested_message() -> None:
     """A forwarded message's From is body, not the author."""
     assert author_addresses(MULTIPART) == ("scanner@contoso.com",)
@@ -648,7 +669,7 @@ def test_author_addresses_ignore_a_nested_message() -> None:
 
 def test_unparseable_from_is_refused_not_guessed() -> None:
     """The sender check must not pass on a From it cannot read."""
-    with pytest.raises(UnparseableMessageError):
+    with pytest.raises(UnreadableAuthorError, match="From header"):
         author_addresses(msg('From: "unterminated <ceo@contoso.com>'))
 
 
@@ -667,7 +688,7 @@ def test_unparseable_from_is_refused_not_guessed() -> None:
             ],
         ),
         ("(only a comment), ,", []),
-        ("<>", [AddressItem("<>", ())]),
+        ("<>", [AddressItem("<>", (), strict=False)]),
         ("root", [AddressItem("root", ("root",))]),
         ("john.@docomo.ne.jp", [AddressItem("john.@docomo.ne.jp", ("john.@docomo.ne.jp",))]),
         ("u@[192.0.2.1]", [AddressItem("u@[192.0.2.1]", ("u@[192.0.2.1]",))]),
@@ -745,7 +766,7 @@ def test_message_id_local_part_must_be_dot_atom(local: str) -> None:
     """The caller's id must make a valid msg-id."""
     with pytest.raises(ValueError, match="dot-atom"):
         prepare_for_graph(
-            msg("To: a@contoso.com"),
+            split_header_from_body(msg("To: a@contoso.com")),
             Envelope("", ("a@contoso.com",)),
             trace(),
             message_id_local=local,
@@ -755,9 +776,78 @@ def test_message_id_local_part_must_be_dot_atom(local: str) -> None:
 def test_prepare_needs_a_recipient() -> None:
     """Graph cannot send a message to nobody; the SMTP layer never gets here without RCPT."""
     with pytest.raises(ValueError, match="recipient"):
-        prepare_for_graph(msg("To: a@contoso.com"), Envelope("", ()), trace(), message_id_local="x")
+        prepare_for_graph(
+            split_header_from_body(msg("To: a@contoso.com")),
+            Envelope("", ()),
+            trace(),
+            message_id_local="x",
+        )
 
 
 def test_decode_header_text_tolerates_broken_encoded_words() -> None:
     """Bad base64 or charsets stay as written instead of failing the log line."""
     assert decode_header_text(b"=?utf-8?B?!!!?= ok") == "=?utf-8?B?!!!?= ok"
+
+
+# --- one reading of recipient and author fields (issue #11 item 1) -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        (
+            "CC: eve@example.com <frank@example.com>",
+            b'CC: "eve@example.com" <frank@example.com>\r\n',
+        ),
+        ("To: [lab] <frank@example.com>", b'To: "[lab]" <frank@example.com>\r\n'),
+        (
+            'To: a@b "Frank" <frank@example.com>',
+            b'To: "a@b Frank" <frank@example.com>\r\n',
+        ),
+    ],
+)
+def test_a_recipient_read_differently_by_a_strict_parser_is_rewritten_canonically(
+    field: str, expected: bytes
+) -> None:
+    """Where a lenient reader could find eve and the strict reading finds frank, the field is
+    re-written so that every reader finds frank, the one envelope recipient."""
+    out = reconcile_recipients(msg(field), ["frank@example.com"])
+    assert fields(out, field.split(":")[0]) == [expected]
+    assert fields(out, "bcc") == []
+
+
+@pytest.mark.parametrize(
+    "item", ["<frank@example.com> eve@example.com", "Frank <frank@example.com eve@example.com>"]
+)
+def test_a_recipient_without_a_strict_reading_is_removed_and_the_envelope_goes_to_bcc(
+    item: str,
+) -> None:
+    """Text in which a reader could find another recipient is not passed on; Graph gets the
+    envelope recipient in Bcc instead."""
+    out = reconcile_recipients(msg(f"To: {item}"), ["frank@example.com"])
+    assert fields(out, "to") == []
+    assert fields(out, "bcc") == [b"Bcc: frank@example.com\r\n"]
+
+
+def test_an_author_with_an_at_in_its_display_name_is_written_canonically() -> None:
+    """The policy checked the strict reading (scanner@); Graph must not find ceo@ instead."""
+    prepared = prepare(
+        msg("From: ceo@contoso.com <scanner@contoso.com>", "To: alice@contoso.com"),
+        "alice@contoso.com",
+    )
+    assert fields(prepared.mime, "from") == [b'From: "ceo@contoso.com" <scanner@contoso.com>\r\n']
+
+
+def test_an_author_in_canonical_form_is_left_byte_for_byte() -> None:
+    """A From with one reading in every parser is not touched."""
+    line = 'From: "Scanner, Floor 2" <scanner@contoso.com> (device 7)'
+    prepared = prepare(msg(line, "To: alice@contoso.com"), "alice@contoso.com")
+    assert fields(prepared.mime, "from") == [line.encode() + b"\r\n"]
+
+
+def test_the_one_rfc_2047_decoder_keeps_or_replaces_an_undecodable_word() -> None:
+    """Strict (the JSON form's subject and names): the word stays as written (RFC 2047 §6.3);
+    errors="replace" (the log's subject): it becomes U+FFFD. Adjacent words are joined."""
+    assert decode_words("=?utf-8?B?/w==?=") == "=?utf-8?B?/w==?="
+    assert decode_words("=?utf-8?B?/w==?=", errors="replace") == "\ufffd"
+    assert decode_words("=?utf-8?Q?a?=\r\n =?utf-8?Q?b?= c") == "ab c"

@@ -1,4 +1,4 @@
-"""Properties of the recipient rewrite, checked on generated header blocks and envelopes.
+"""Properties of the recipient rewrite and the author reading, on generated header blocks.
 
 The rewrite is judged by the standard library's parser (`email` + `getaddresses`), not by our own
 tokenizer, so the two have to agree on what Graph will deliver to.
@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import email
 import re
+from email.headerregistry import AddressHeader, HeaderRegistry
 from email.policy import compat32
 from email.utils import getaddresses
 
-from hypothesis import assume, example, given
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
+from relay.core.message.addresses import fold_ascii
+from relay.core.message.authors import UnreadableAuthorError, read_authors
+from relay.core.message.headers import split_header_from_body
+from relay.core.message.parts import header_text
 from relay.core.message.prepare import (
     UnparseableMessageError,
     parse_address_list,
     reconcile_recipients,
 )
+from relay.core.message.recipients import canonical_authors
 
 RECIPIENT_FIELDS = {"to", "cc", "bcc"}
 LOCALS = ["alice", "bob", "carol", "x.y", "o'neil", "first+tag", "jörg"]
@@ -110,14 +116,14 @@ def stdlib_recipients(raw: bytes) -> list[str]:
     parsed = email.message_from_bytes(raw, policy=compat32)
     values = [v for name, v in parsed.raw_items() if name.lower() in RECIPIENT_FIELDS]
     decoded = [v.encode("ascii", "surrogateescape").decode("utf-8") for v in values]
-    return sorted(address.casefold() for _, address in getaddresses(decoded) if address)
+    return sorted(fold_ascii(address) for _, address in getaddresses(decoded) if address)
 
 
 def own_recipients(raw: bytes, eol: bytes) -> list[str]:
     fields, _ = split_fields(raw, eol)
     values = [f.split(b":", 1)[1].decode() for f in fields if field_name(f) in RECIPIENT_FIELDS]
     return sorted(
-        address.casefold()
+        fold_ascii(address)
         for value in values
         for item in parse_address_list(value)
         for address in item.addresses
@@ -135,7 +141,7 @@ def test_header_recipients_become_exactly_the_envelope(
     """Read by the stdlib, To+Cc+Bcc name each envelope recipient once and nobody else."""
     raw, _, _, _ = message
     out = reconcile_recipients(raw, envelope)
-    assert stdlib_recipients(out) == sorted({address.casefold() for address in envelope})
+    assert stdlib_recipients(out) == sorted({fold_ascii(address) for address in envelope})
 
 
 @given(messages(), envelopes)
@@ -200,7 +206,44 @@ def test_arbitrary_recipient_text_is_reconciled_or_refused(value: str, envelope:
         out = reconcile_recipients(raw, envelope)
     except UnparseableMessageError:
         return
-    assert own_recipients(out, b"\r\n") == sorted({a.casefold() for a in envelope})
+    assert own_recipients(out, b"\r\n") == sorted({fold_ascii(a) for a in envelope})
     assert reconcile_recipients(out, envelope) == out
     assert out.startswith(b"Subject: s\r\n") or b"\r\nSubject: s\r\n" in out
     assert out.endswith(b"\r\n\r\nbody")
+
+
+# --- author fields: one reading (issue #11 item 1) ------------------------------------------------
+
+_REGISTRY = HeaderRegistry()
+
+
+def stdlib_authors(value: str) -> tuple[str, ...] | None:
+    """The addresses the standard library's parser (email.headerregistry) finds, or None when it
+    cannot read the value at all."""
+    try:
+        header = _REGISTRY("From", value)
+        assert isinstance(header, AddressHeader)
+        return tuple(dict.fromkeys(fold_ascii(a.addr_spec) for a in header.addresses))
+    except Exception:
+        return None
+
+
+@settings(max_examples=2000)
+@given(st.text(alphabet='ab@.,;:<>()"\\[] \t', max_size=25))
+@example("ceo@a.b scanner@a.b")
+@example('"x" ceo@a.b')
+@example("ceo@a.b <scanner@a.b>")
+def test_an_accepted_author_field_goes_to_graph_naming_what_the_policy_checked(value: str) -> None:
+    """On any From text, read_authors refuses it, or the From field as prepared for Graph
+    (`canonical_authors`) is read by the standard library's parser as exactly the addresses the
+    sender policy checks: no reader finds another author than the policy saw."""
+    raw = f"From: {value}\r\n\r\nbody".encode()
+    fields = split_header_from_body(raw).fields
+    try:
+        ours = read_authors(fields).addresses
+    except UnreadableAuthorError:
+        return
+    assert ours
+    [sent] = canonical_authors(fields, b"\r\n")
+    theirs = stdlib_authors(header_text(sent.value))
+    assert theirs is None or theirs == ours

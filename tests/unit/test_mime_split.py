@@ -12,7 +12,7 @@ from email.policy import compat32
 
 import pytest
 
-from relay.core.message.split import BigAttachment, iter_decoded, split_message
+from relay.core.message.split import BigAttachment, iter_decoded, split_off_big_attachments
 
 THRESHOLD = 1000  # small enough to keep the test data small
 
@@ -63,7 +63,7 @@ def decoded(source: bytes, attachment: BigAttachment) -> bytes:
 def test_a_big_attachment_leaves_the_skeleton_and_the_rest_stays_byte_exact() -> None:
     """Everything but the big part's delimiter, headers and body is copied as it was."""
     source = message(multipart("mixed", "b1", [TEXT, SMALL, BIG]))
-    split = split_message(source, threshold=THRESHOLD)
+    split = split_off_big_attachments(source, threshold=THRESHOLD)
     assert split.skeleton == message(multipart("mixed", "b1", [TEXT, SMALL]))
     (big,) = split.attachments
     assert (big.name, big.content_type, big.size, big.is_inline) == (
@@ -77,7 +77,7 @@ def test_a_big_attachment_leaves_the_skeleton_and_the_rest_stays_byte_exact() ->
 
 def test_a_message_without_big_attachments_is_its_own_skeleton() -> None:
     source = message(multipart("mixed", "b1", [TEXT, SMALL]))
-    assert split_message(source, threshold=THRESHOLD).skeleton == source
+    assert split_off_big_attachments(source, threshold=THRESHOLD).skeleton == source
 
 
 def test_an_inline_image_keeps_its_content_id_and_is_inline() -> None:
@@ -88,7 +88,7 @@ def test_an_inline_image_keeps_its_content_id_and_is_inline() -> None:
     )
     html = part("Content-Type: text/html", b'<img src="cid:logo@contoso">' * 100)
     source = message(multipart("related", "r1", [html, image]))
-    (found,) = split_message(source, threshold=THRESHOLD).attachments
+    (found,) = split_off_big_attachments(source, threshold=THRESHOLD).attachments
     assert (found.content_id, found.is_inline, found.content_type) == (
         "logo@contoso",
         True,
@@ -101,7 +101,7 @@ def test_nested_multiparts_are_walked_and_only_big_leaves_leave() -> None:
     alternative = multipart("alternative", "alt", [TEXT, part("Content-Type: text/html", b"x")])
     related = multipart("related", "rel", [alternative, BIG])
     source = message(multipart("mixed", "mix", [related, SMALL, BIG]))
-    split = split_message(source, threshold=THRESHOLD)
+    split = split_off_big_attachments(source, threshold=THRESHOLD)
     expected = message(
         multipart("mixed", "mix", [multipart("related", "rel", [alternative]), SMALL])
     )
@@ -113,7 +113,7 @@ def test_nested_multiparts_are_walked_and_only_big_leaves_leave() -> None:
 
 def test_a_multipart_left_empty_gets_an_empty_text_part() -> None:
     source = message(multipart("mixed", "b1", [BIG]))
-    split = split_message(source, threshold=THRESHOLD)
+    split = split_off_big_attachments(source, threshold=THRESHOLD)
     parsed = message_from_bytes(split.skeleton, policy=compat32)
     assert parsed.is_multipart()
     assert [p.get_content_type() for p in parsed.walk()] == ["multipart/mixed", "text/plain"]
@@ -122,13 +122,13 @@ def test_a_multipart_left_empty_gets_an_empty_text_part() -> None:
 def test_a_big_text_body_stays_in_the_skeleton() -> None:
     body = part("Content-Type: text/plain", b"line\r\n" * 1000)
     source = message(multipart("mixed", "b1", [body]))
-    assert split_message(source, threshold=THRESHOLD).attachments == ()
+    assert split_off_big_attachments(source, threshold=THRESHOLD).attachments == ()
 
 
 def test_a_single_part_message_is_never_split() -> None:
     source = message(part("Content-Type: application/pdf\nContent-Transfer-Encoding: base64",
                           b64_lines(BIG_DATA)))  # fmt: skip
-    assert split_message(source, threshold=THRESHOLD).skeleton == source
+    assert split_off_big_attachments(source, threshold=THRESHOLD).skeleton == source
 
 
 def test_bare_lf_messages_split_too() -> None:
@@ -140,7 +140,7 @@ def test_bare_lf_messages_split_too() -> None:
     )
     text = part("Content-Type: text/plain", b"hi\n", eol)
     source = message(multipart("mixed", "lf", [text, big], eol), eol)
-    split = split_message(source, threshold=THRESHOLD)
+    split = split_off_big_attachments(source, threshold=THRESHOLD)
     assert split.skeleton == message(multipart("mixed", "lf", [text], eol), eol)
     assert decoded(source, split.attachments[0]) == BIG_DATA
 
@@ -157,7 +157,7 @@ def test_rfc2231_and_rfc2047_file_names_are_decoded() -> None:
         b64_lines(BIG_DATA),
     )
     source = message(multipart("mixed", "n", [TEXT, rfc2231, rfc2047]))
-    names = [a.name for a in split_message(source, threshold=THRESHOLD).attachments]
+    names = [a.name for a in split_off_big_attachments(source, threshold=THRESHOLD).attachments]
     assert names == ["Bericht ü.pdf", "Résumé.pdf"]
 
 
@@ -192,7 +192,7 @@ def test_streaming_quoted_printable_decode_equals_full_decode() -> None:
 
 def test_chunks_are_exact_sizes_and_can_resume_at_any_offset() -> None:
     source = message(multipart("mixed", "b1", [TEXT, BIG]))
-    (big,) = split_message(source, threshold=THRESHOLD).attachments
+    (big,) = split_off_big_attachments(source, threshold=THRESHOLD).attachments
     chunks = list(big.chunks(source, 640))
     assert [len(c) for c in chunks[:-1]] == [640] * (len(chunks) - 1)
     assert b"".join(big.chunks(source, 640, skip=1234)) == BIG_DATA[1234:]

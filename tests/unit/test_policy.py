@@ -6,6 +6,8 @@ import pytest
 
 from relay.config.schema import ClientConfig, RouteConfig
 from relay.core.errors import PolicyError
+from relay.core.message.authors import Authors, UnreadableAuthorError, read_authors
+from relay.core.message.headers import split_header_from_body
 from relay.core.policy import (
     check_authors,
     check_envelope_sender,
@@ -153,3 +155,101 @@ def test_route_index_reads_back_the_route_name(index: int) -> None:
 def test_route_index_of_anything_else_is_none(name: str) -> None:
     """A name not written by Route.name selects no route."""
     assert route_index(name) is None
+
+
+# --- spoofing through author fields we cannot read (issue #11 item 1) -----------------------------
+
+
+def authors_of(*lines: str) -> tuple[str, ...]:
+    raw = ("\r\n".join(lines) + "\r\n\r\nbody\r\n").encode("utf-8", "surrogateescape")
+    return read_authors(split_header_from_body(raw).fields).addresses
+
+
+@pytest.mark.parametrize(
+    ("line", "header"),
+    [
+        ("From: ceo@contoso.com\r\n\tscanner@contoso.com", "From"),  # folded word sequence
+        ('From: "x" ceo@contoso.com', "From"),
+        ("From: ceo@contoso.com scanner@contoso.com", "From"),
+        ("From: <scanner@contoso.com> ceo@contoso.com", "From"),
+        ("From: Scanner <ceo@contoso.com scanner@contoso.com>", "From"),
+        ("From: scanner@contoso.com@ceo.example", "From"),
+        ("From: scanner@contoso.com; ceo@contoso.com", "From"),
+        ("From: Staff: ceo@contoso.com;", "From"),
+        ('From: "unterminated <ceo@contoso.com>', "From"),
+        ("From: ", "From"),
+        ("From: (only a comment)", "From"),
+        ("From: <>", "From"),
+        ("Sender: ceo@contoso.com scanner@contoso.com", "Sender"),
+        ("Sender: scanner@contoso.com, ceo@contoso.com", "Sender"),
+        ("Resent-From: ceo@contoso.com\r\n scanner@contoso.com", "Resent-From"),
+        ("RESENT-FROM: x ceo@contoso.com", "Resent-From"),
+    ],
+)
+def test_an_author_field_without_one_reading_is_refused_naming_it(line: str, header: str) -> None:
+    """A present From/Sender/Resent-From that yields no address, or one a strict RFC 5322
+    reading does not find, is 550 5.7.1 with the header's name in the reply."""
+    with pytest.raises(UnreadableAuthorError) as refused:
+        authors_of("From: scanner@contoso.com" if header != "From" else "X-Dummy: 1", line)
+    reply = refused.value.reply
+    assert (reply.code, reply.status) == (550, "5.7.1")
+    assert f"The {header} header" in reply.text
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("From: scanner@contoso.com", ("scanner@contoso.com",)),
+        ("From: Scanner <Scanner@Contoso.COM>", ("scanner@contoso.com",)),
+        ("From: scanner@contoso.com (Floor 2 scanner)", ("scanner@contoso.com",)),
+        ("From: Scanner\r\n <scanner@contoso.com>", ("scanner@contoso.com",)),
+        ('From: "scanner@floor2.local" <scanner@contoso.com>', ("scanner@contoso.com",)),
+        ("From: scanner@floor2.local <scanner@contoso.com>", ("scanner@contoso.com",)),
+        ("From: John Q. Public <scanner@contoso.com>", ("scanner@contoso.com",)),
+        ("From: =?utf-8?Q?J=C3=B6rg?= <scanner@contoso.com>", ("scanner@contoso.com",)),
+        ("From: root (Cron Daemon)", ("root",)),
+        ("From: a@contoso.com, b@contoso.com", ("a@contoso.com", "b@contoso.com")),
+    ],
+)
+def test_an_author_field_with_one_reading_yields_its_addresses(
+    line: str, expected: tuple[str, ...]
+) -> None:
+    """Display names, comments, folding, encoded words and legacy `@` in a display name leave
+    one reading: those addresses (ASCII-lowercased) are what the policy checks."""
+    assert authors_of(line) == expected
+
+
+def test_reply_to_is_reported_but_never_checked() -> None:
+    """Reply-To is not an author: an unreadable one is no refusal, a readable one is logged."""
+    raw = b"From: scanner@contoso.com\r\nReply-To: CEO@contoso.com\r\n\r\nbody\r\n"
+    authors = read_authors(split_header_from_body(raw).fields)
+    assert authors == Authors(("scanner@contoso.com",), ("ceo@contoso.com",))
+    check_authors(PRINTERS, authors.addresses)
+    assert authors_of("From: scanner@contoso.com", "Reply-To: x ceo@contoso.com") == (
+        "scanner@contoso.com",
+    )
+
+
+@pytest.mark.parametrize(
+    ("address", "pattern"),
+    [
+        ("x@straße.de", "x@strasse.de"),
+        ("x@strasse.de", "x@straße.de"),
+        ("\u017fcanner@contoso.com", "scanner@contoso.com"),  # LATIN SMALL LETTER LONG S
+        ("scanner@contoso.com", "\u017fcanner@contoso.com"),
+        ("\u212aim@contoso.com", "kim@contoso.com"),  # KELVIN SIGN
+        ("kim@contoso.com", "\u212aim@contoso.com"),
+        ("\u212aim@contoso.com", "*k*@contoso.com"),
+        ("jörg@contoso.com", "JÖRG@contoso.com"),
+    ],
+)
+def test_only_ascii_letters_match_without_case(address: str, pattern: str) -> None:
+    """Exchange compares addresses ASCII case-insensitively; Unicode folding would let ß, the
+    long s and the Kelvin sign pass a pattern written for ss, s and k."""
+    assert not matches_any(address, [pattern])
+
+
+def test_a_unicode_variant_of_an_allowed_sender_is_refused_as_author() -> None:
+    """scanner@ with a long s in From is another mailbox, not the allowed scanner@."""
+    with pytest.raises(PolicyError):
+        check_authors(PRINTERS, authors_of("From: \u017fcanner@contoso.com"))

@@ -1,8 +1,12 @@
-"""Byte-preserving building blocks of `relay.message`: header fields and RFC 5322 address lists.
+"""The message core: what the relay reads in a message and what it changes for Graph (DESIGN §7).
 
-Split out of `relay.message` so that each grammar lives in one short module; like `relay.message`
-these modules are pure (standard library and `relay.errors` only). Code outside the message core
-imports from `relay.message`, which re-exports what is public.
+One module per step, all pure (standard library and `relay.core.errors` only): `headers` cuts the
+header block from the body once per DATA, `addresses` reads address lists (leniently, and strictly
+where a second reading matters), `authors` the From/Sender/Resent-From the policy checks,
+`recipients` the one To/Cc/Bcc reconciliation, `prepare` the MIME form for Graph, `multipart` the
+one MIME walker, `parts` and `graph_json` the JSON form, `split` the large-message skeleton,
+`limits` and `structure` the DATA checks, `dsn`, `dsn_gates` and `loops` the bounces. Code outside
+the core imports from `prepare`, which re-exports what is public.
 """
 
 from __future__ import annotations

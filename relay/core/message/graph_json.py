@@ -8,14 +8,14 @@ different representation, not a copy, so this module states exactly what survive
 loudly, what cannot be carried over without changing what the recipient gets.
 
 Pure like the rest of the message core: bytes and values in, a frozen value out; standard library,
-`relay.errors` and `relay.mime` only.
+`relay.core.errors` and `relay.core.message` only.
 """
 
 # Theory of operation
 # ===================
 #
 # Reading the MIME tree (splitting, decoding, choosing the body and the attachments) is
-# `relay.mime.parts`'s; nothing is re-encoded, so attachment bytes are exactly the bytes any MIME
+# `message.parts`'s; nothing is re-encoded, so attachment bytes are exactly the bytes any MIME
 # reader would get. This module maps the result and the top-level header fields onto the resource.
 #
 # What the JSON form carries:
@@ -44,7 +44,7 @@ Pure like the rest of the message core: bytes and values in, a frozen value out;
 # sent this way does not thread in clients that rely on them), Sensitivity, List-* and any other
 # non-X field. Those are representation, not content, for the routes that choose JSON.
 #
-# What is refused with `CannotConvertError` (554 5.6.0, mostly raised by `relay.mime.parts`)
+# What is refused with `CannotConvertError` (554 5.6.0, mostly raised by `relay.core.message.parts`)
 # instead of being changed silently: multipart/signed, multipart/encrypted and
 # application/pkcs7-mime (a converted message loses or breaks its signature); a text/calendar
 # invitation that is not an attachment (it would arrive as an .ics file, not as a meeting
@@ -74,19 +74,18 @@ from relay.core.message.parts import (
     header_text,
     read_content,
 )
+from relay.core.message.recipients import RECIPIENT_FIELDS, reconcile_fields
 
 __all__ = [
     "MAX_INTERNET_HEADERS",
-    "MAX_REQUEST_BYTES",
+    "Attachment",
     "CannotConvertError",
-    "FileAttachment",
     "GraphJsonTooLargeError",
     "GraphMessage",
     "Recipient",
     "to_graph_message",
 ]
 
-MAX_REQUEST_BYTES = GRAPH_MAX_REQUEST_BYTES  # user-sendmail.md: 4 MB per request
 MAX_INTERNET_HEADERS = 5  # Graph: "should be less than or equal to 5"
 
 
@@ -99,7 +98,7 @@ class GraphJsonTooLargeError(RelayError, ValueError):
             552, "5.3.4", "Message too large for Microsoft 365 (4 MB per request)"
         )
         super().__init__(
-            f"the JSON request body is {size} bytes; Graph accepts {MAX_REQUEST_BYTES}"
+            f"the JSON request body is {size} bytes; Graph accepts {GRAPH_MAX_REQUEST_BYTES}"
         )
 
 
@@ -117,33 +116,18 @@ class Recipient:
         return {"emailAddress": email}
 
 
-@dataclass(frozen=True, slots=True)
-class FileAttachment:
-    """A Graph `fileAttachment`; `content` is the decoded bytes of the MIME part."""
-
-    name: str
-    content_type: str
-    content: bytes
-    content_id: str | None = None
-    is_inline: bool = False
-
-    def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "@odata.type": "#microsoft.graph.fileAttachment",
-            "name": self.name,
-            "contentType": self.content_type,
-            "contentBytes": base64.b64encode(self.content).decode("ascii"),
-            "isInline": self.is_inline,
-        }
-        if self.content_id:
-            out["contentId"] = self.content_id
-        return out
-
-
-def _file_attachment(part: Attachment) -> FileAttachment:
-    return FileAttachment(
-        part.name, part.content_type, part.content, part.content_id, part.is_inline
-    )
+def _attachment_json(attachment: Attachment) -> dict[str, Any]:
+    """A Graph `fileAttachment` (resources/fileattachment.md) for one MIME leaf."""
+    out: dict[str, Any] = {
+        "@odata.type": "#microsoft.graph.fileAttachment",
+        "name": attachment.name,
+        "contentType": attachment.content_type,
+        "contentBytes": base64.b64encode(attachment.content).decode("ascii"),
+        "isInline": attachment.is_inline,
+    }
+    if attachment.content_id:
+        out["contentId"] = attachment.content_id
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +143,7 @@ class GraphMessage:
     from_: Recipient | None = None
     sender: Recipient | None = None
     reply_to: tuple[Recipient, ...] = ()
-    attachments: tuple[FileAttachment, ...] = ()
+    attachments: tuple[Attachment, ...] = ()
     importance: str | None = None
     internet_message_id: str | None = None
     read_receipt: bool = False
@@ -193,7 +177,7 @@ class GraphMessage:
         if self.reply_to:
             out["replyTo"] = [r.as_json() for r in self.reply_to]
         if self.attachments:
-            out["attachments"] = [a.as_json() for a in self.attachments]
+            out["attachments"] = [_attachment_json(a) for a in self.attachments]
         if self.importance:
             out["importance"] = self.importance
         if self.internet_message_id:
@@ -292,26 +276,17 @@ def _addresses(top: Entity, name: str) -> list[Recipient]:
         raise CannotConvertError(f"the {name} field cannot be parsed") from exc
 
 
-def _envelope_filter(
+def _envelope_recipients(
     top: Entity, envelope_recipients: Sequence[str]
 ) -> tuple[list[Recipient], list[Recipient], list[Recipient]]:
-    """To/Cc/Bcc naming exactly the envelope recipients, each once (DESIGN §7)."""
-    wanted = {canonical_address(a): a for a in envelope_recipients}
-    seen: set[str] = set()
-    out: list[list[Recipient]] = []
-    for name in ("to", "cc", "bcc"):
-        kept = []
-        for f in top.fields:
-            if f.key != name:
-                continue
-            for recipient in _recipients(parse_address_list(header_text(f.value))):
-                canonical = canonical_address(recipient.address)
-                if canonical in wanted and canonical not in seen:
-                    seen.add(canonical)
-                    kept.append(recipient)
-        out.append(kept)
-    out[2].extend(Recipient(address) for c, address in wanted.items() if c not in seen)
-    return out[0], out[1], out[2]
+    """To/Cc/Bcc naming exactly the envelope recipients, each once (DESIGN §7), as decided by
+    the one reconciliation, `relay.core.message.recipients.reconcile_fields`."""
+    reconciled = reconcile_fields(top.fields, envelope_recipients, b"\r\n")
+    out: dict[str, list[Recipient]] = {key: [] for key in RECIPIENT_FIELDS}
+    for f in reconciled.fields:
+        if f.key in out:
+            out[f.key].extend(_recipients(parse_address_list(header_text(f.value))))
+    return out["to"], out["cc"], out["bcc"]
 
 
 def _internet_headers(top: Entity) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
@@ -347,7 +322,7 @@ def to_graph_message(
     top = Entity.parse(prepared_mime)
     content = read_content(top)
     body_type, body = content.body or ("text", "")
-    to, cc, bcc = _envelope_filter(top, envelope_recipients)
+    to, cc, bcc = _envelope_recipients(top, envelope_recipients)
     authors = _addresses(top, "from")
     reply_to = _addresses(top, "reply-to")
     senders = _addresses(top, "sender")
@@ -370,7 +345,7 @@ def to_graph_message(
         from_=from_,
         sender=sender,
         reply_to=tuple(reply_to),
-        attachments=tuple(_file_attachment(a) for a in content.attachments),
+        attachments=content.attachments,
         importance=_importance(top),
         internet_message_id=" ".join(message_id.split()) if message_id else None,
         read_receipt=top.header("disposition-notification-to") is not None,
@@ -378,6 +353,6 @@ def to_graph_message(
         dropped_headers=dropped,
     )
     size = len(message.request_body(save_to_sent_items=False))
-    if size > MAX_REQUEST_BYTES:
+    if size > GRAPH_MAX_REQUEST_BYTES:
         raise GraphJsonTooLargeError(size)
     return message

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 __all__ = [
     "Field",
-    "SplitMessage",
+    "HeaderAndBody",
     "decode_header_text",
+    "decode_words",
     "fold_field",
     "simple_field",
-    "split_message",
+    "split_header_from_body",
 ]
 
 _FIELD_START = re.compile(rb"([!-9;-~]+)[ \t]*:")
@@ -50,7 +51,7 @@ class Field:
 
 
 @dataclass(frozen=True, slots=True)
-class SplitMessage:
+class HeaderAndBody:
     """A message as header fields, the empty line after them and the body (never looked at)."""
 
     fields: tuple[Field, ...]
@@ -106,7 +107,7 @@ def simple_field(name: str, value: str, eol: bytes) -> Field:
     return Field(f"{name}: {value}".encode() + eol, name.encode("ascii"), len(name) + 1)
 
 
-def split_message(raw: bytes) -> SplitMessage:
+def split_header_from_body(raw: bytes) -> HeaderAndBody:
     """Cut a message into header fields, the separating empty line and the untouched body."""
     first_lf = raw.find(b"\n")
     eol = b"\n" if first_lf >= 0 and raw[first_lf - 1 : first_lf] != b"\r" else b"\r\n"
@@ -140,7 +141,7 @@ def split_message(raw: bytes) -> SplitMessage:
         )
         for n, (start, m) in enumerate(starts)
     ]
-    return SplitMessage(tuple(fields), separator, raw, body_start, eol)
+    return HeaderAndBody(tuple(fields), separator, raw, body_start, eol)
 
 
 # --- decoded values for logs ----------------------------------------------------------------------
@@ -148,16 +149,32 @@ def split_message(raw: bytes) -> SplitMessage:
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
 
 
-def _decode_word(match: re.Match[str]) -> str:
+def _decode_word(match: re.Match[str], errors: str) -> str:
     charset, encoding, data = match.group(1).split("*")[0], match.group(2).upper(), match.group(3)
     try:
         if encoding == "B":
             octets = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
         else:
             octets = binascii.a2b_qp(data.encode("ascii"), header=True)
-        return octets.decode(charset, "replace")
-    except (ValueError, LookupError):  # binascii.Error and UnicodeError are ValueErrors
+        return octets.decode(charset, errors)
+    except (ValueError, LookupError):  # a malformed word stays as written (RFC 2047 §6.3)
         return match.group(0)
+
+
+def decode_words(text: str, *, errors: str = "strict") -> str:
+    """The one RFC 2047 decoder: encoded words decoded, whitespace between adjacent encoded
+    words dropped (§6.2). A word that is malformed, names an unknown charset or (with
+    errors="strict") does not decode in its charset stays as written (§6.3)."""
+    parts: list[str] = []
+    last, previous_was_word = 0, False
+    for match in _ENCODED_WORD.finditer(text):
+        between = text[last : match.start()]
+        if not (previous_was_word and not between.strip(" \t\r\n")):
+            parts.append(between)
+        parts.append(_decode_word(match, errors))
+        last, previous_was_word = match.end(), True
+    parts.append(text[last:])
+    return "".join(parts)
 
 
 def decode_header_text(value: bytes) -> str:
@@ -166,15 +183,6 @@ def decode_header_text(value: bytes) -> str:
         text = value.decode("utf-8")
     except UnicodeDecodeError:
         text = value.decode("latin-1")
-    parts: list[str] = []
-    last, previous_was_word = 0, False
-    for match in _ENCODED_WORD.finditer(text):
-        between = text[last : match.start()]
-        if not (previous_was_word and not between.strip()):  # RFC 2047 §6.2
-            parts.append(between)
-        parts.append(_decode_word(match))
-        last, previous_was_word = match.end(), True
-    parts.append(text[last:])
-    decoded = "".join(parts)
+    decoded = decode_words(text, errors="replace")
     printable = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in decoded)
     return " ".join(printable.split())

@@ -1,20 +1,20 @@
 """The MIME tree of a prepared message, read for the JSON form of `sendMail`: one body, attachments.
 
-Why this module exists: `relay.mime.graph_json` maps a message onto Graph's `message` resource,
+Why this module exists: `message.graph_json` maps a message onto Graph's `message` resource,
 and most of that work is reading MIME, not writing JSON: splitting multiparts, removing transfer
 encodings, decoding charsets and RFC 2047 words, choosing the one body and turning every other
 leaf into an attachment. That reading lives here; the mapping of headers and recipients onto the
 resource stays in `graph_json`, whose header lists what is carried and what is refused.
 
 Pure like the rest of the message core: bytes in, frozen values out; standard library,
-`relay.errors` and `relay.mime.headers` only. Code outside the message core imports from
-`relay.message`.
+`relay.core.errors` and `message.headers` only. Code outside the message core imports from
+`relay.core.message.prepare`.
 """
 
 # Theory of operation
 # ===================
 #
-# The message is cut into its MIME tree without re-encoding anything: `relay.mime.headers` splits
+# The message is cut into its MIME tree without re-encoding anything: `message.headers` splits
 # each entity into header fields and body, multipart bodies are split at their boundary lines
 # (RFC 2046 §5.1.1: the line ending before a delimiter belongs to the delimiter). Only leaf bodies
 # are decoded (base64, quoted-printable, 7bit/8bit/binary), so attachment bytes are exactly the
@@ -28,7 +28,6 @@ Pure like the rest of the message core: bytes in, frozen values out; standard li
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 from dataclasses import dataclass, field
@@ -37,7 +36,8 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 from relay.core.errors import RelayError, SmtpReply
-from relay.core.message.headers import Field, split_message
+from relay.core.message.headers import Field, decode_words, split_header_from_body
+from relay.core.message.multipart import body_parts
 
 __all__ = [
     "Attachment",
@@ -91,7 +91,6 @@ def read_content(top: Entity) -> Content:
 
 # --- header text ----------------------------------------------------------------------------------
 
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 
 
@@ -111,32 +110,6 @@ def _readable(text: str) -> str:
     return header_text(text.encode("utf-8", "surrogateescape"))
 
 
-def _word(match: re.Match[str]) -> str:
-    charset, encoding, data = match.group(1).split("*")[0], match.group(2).upper(), match.group(3)
-    try:
-        if encoding == "B":
-            octets = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
-        else:
-            octets = binascii.a2b_qp(data.encode("ascii"), header=True)
-        return octets.decode(charset)
-    except (ValueError, LookupError):  # a malformed word stays as written (RFC 2047 §6.3)
-        return match.group(0)
-
-
-def decode_words(text: str) -> str:
-    """RFC 2047 encoded words decoded; whitespace between adjacent words dropped (§6.2)."""
-    parts: list[str] = []
-    last, previous_was_word = 0, False
-    for match in _ENCODED_WORD.finditer(text):
-        between = text[last : match.start()]
-        if not (previous_was_word and not between.strip(" \t")):
-            parts.append(between)
-        parts.append(_word(match))
-        last, previous_was_word = match.end(), True
-    parts.append(text[last:])
-    return "".join(parts)
-
-
 # --- the MIME tree --------------------------------------------------------------------------------
 
 
@@ -151,7 +124,7 @@ class Entity:
 
     @classmethod
     def parse(cls, raw: bytes, default_type: str = "text/plain") -> Entity:
-        split = split_message(raw)
+        split = split_header_from_body(raw)
         header_bytes = b"".join(f.raw for f in split.fields)
         headers = BytesHeaderParser(policy=compat32).parsebytes(header_bytes)
         headers.set_default_type(default_type)
@@ -208,24 +181,11 @@ class Entity:
 
 
 def _split_multipart(body: bytes, boundary: str) -> list[bytes]:
-    """The body parts between the delimiter lines of RFC 2046 §5.1.1 (preamble, epilogue gone)."""
-    delimiter = re.compile(
-        rb"^--" + re.escape(boundary.encode("utf-8", "surrogateescape")) + rb"(--)?[ \t]*\r?$",
-        re.MULTILINE,
-    )
-    parts: list[bytes] = []
-    start: int | None = None
-    for match in delimiter.finditer(body):
-        if start is not None:
-            end = match.start()
-            end -= 2 if body[end - 2 : end] == b"\r\n" else 1 if body[end - 1 : end] == b"\n" else 0
-            parts.append(body[start : max(start, end)])
-        start = match.end() + 1
-        if match.group(1):
-            return parts
-    if start is not None and start < len(body):  # a missing close delimiter is tolerated
-        parts.append(body[start:])
-    return parts
+    """The body parts between the delimiter lines (`relay.core.message.multipart`)."""
+    parts, close = body_parts(body, 0, len(body), boundary.encode("utf-8", "surrogateescape"))
+    if parts and close == len(body) and parts[-1].start >= len(body):
+        parts.pop()  # a last delimiter line without close delimiter and without content
+    return [body[part.start : part.end] for part in parts]
 
 
 _REFUSED = {

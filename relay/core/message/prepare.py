@@ -2,7 +2,7 @@
 
 Bytes and values in, bytes and values out. No I/O, clocks or randomness: the time, the queue id,
 the Message-ID local part and the host names are passed in by the caller. Imports only the standard
-library, `relay.errors` and its own helpers in `relay.mime`.
+library, `relay.core.errors` and its own helpers in `relay.core.message`.
 """
 
 # Theory of operation
@@ -13,7 +13,7 @@ library, `relay.errors` and its own helpers in `relay.mime`.
 # recipients, and that the message otherwise arrives byte for byte as the client sent it. So we
 # never parse a message into an object model and serialise it back: that would re-encode headers,
 # re-fold lines and re-wrap bodies. Instead the message is cut into three byte strings
-# (`relay.mime.headers`):
+# (`relay.core.message.headers`):
 #
 #     header fields (each with its own continuation lines and line ending) | separator | body
 #
@@ -21,7 +21,7 @@ library, `relay.errors` and its own helpers in `relay.mime`.
 # the exact bytes they arrived as, except:
 #
 #   * To/Cc/Bcc fields whose address list actually changes. Their value is tokenized (RFC 5322
-#     §3.4, with the §4.4 obsolete forms tolerated; `relay.mime.addresses`) into items that
+#     §3.4, with the §4.4 obsolete forms tolerated; `relay.core.message.addresses`) into items that
 #     remember the exact text they came from; a re-emitted field is those kept texts joined by
 #     ", " and folded between items. A field that keeps all its items is not re-emitted at all.
 #   * New fields: `Received:` at the top (RFC 5321 §4.4), and at the end a `Bcc:` for envelope
@@ -29,7 +29,8 @@ library, `relay.errors` and its own helpers in `relay.mime`.
 #
 # Header bytes are decoded for tokenizing as UTF-8 with errors="surrogateescape": every delimiter of
 # the address grammar is ASCII, any byte sequence round-trips exactly, and an SMTPUTF8 address comes
-# out as the same `str` the SMTP layer got in RCPT TO, so the two compare directly (casefolded).
+# out as the same `str` the SMTP layer got in RCPT TO, so the two compare directly (ASCII case
+# folded only, as Exchange compares them).
 # New and re-emitted lines use the line ending the header block already uses (bare LF devices).
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ from relay.core.message import UnparseableMessageError
 from relay.core.message.addresses import (
     AddressItem,
     canonical_address,
+    fold_ascii,
     parse_address_list,
-    parse_addresses,
 )
-from relay.core.message.dsn import BounceRequest, FailedRecipient, build_dsn, is_bounce
+from relay.core.message.authors import Authors, UnreadableAuthorError, read_authors
+from relay.core.message.dsn import BounceRequest, FailedRecipient, build_dsn
 from relay.core.message.graph_json import (
     CannotConvertError,
     GraphJsonTooLargeError,
@@ -56,29 +58,35 @@ from relay.core.message.graph_json import (
 )
 from relay.core.message.headers import (
     Field,
+    HeaderAndBody,
     decode_header_text,
-    fold_field,
     simple_field,
-    split_message,
+    split_header_from_body,
 )
+from relay.core.message.loops import is_bounce
+from relay.core.message.recipients import RECIPIENT_FIELDS, canonical_authors, reconcile_fields
 
 __all__ = [
     "AddressItem",
+    "Authors",
     "BounceRequest",
     "CannotConvertError",
     "Envelope",
     "FailedRecipient",
     "GraphJsonTooLargeError",
     "GraphMessage",
+    "HeaderAndBody",
     "PreparedMessage",
     "TraceInfo",
     "UnparseableMessageError",
-    "author_addresses",
+    "UnreadableAuthorError",
     "build_dsn",
     "is_bounce",
     "parse_address_list",
     "prepare_for_graph",
+    "read_authors",
     "reconcile_recipients",
+    "split_header_from_body",
     "to_graph_message",
     "trace_protocol",
 ]
@@ -147,97 +155,17 @@ def trace_protocol(
 
 # --- recipient reconciliation ---------------------------------------------------------------------
 
-_RECIPIENT_FIELDS = ("to", "cc", "bcc")
 _SUBJECT_LIMIT = 200
 
 
-def _group_pieces(item: AddressItem, kept: Sequence[AddressItem]) -> list[str]:
-    """A rebuilt group `name: m1, m2;` as pieces that, joined with ", ", give its text."""
-    if not kept:
-        return [f"{item.group_name}:;"]
-    pieces = [member.raw for member in kept]
-    pieces[0] = f"{item.group_name}: {pieces[0]}"
-    pieces[-1] += ";"
-    return pieces
-
-
-@dataclass(slots=True)
-class _Reconciler:
-    """Walks the recipient fields once, keeping the first mention of each envelope recipient."""
-
-    wanted: dict[str, str]  # canonical form -> envelope spelling, in envelope order
-    seen: set[str]
-
-    def keep(self, item: AddressItem) -> bool:
-        canonical = canonical_address(item.addresses[0]) if item.addresses else None
-        if canonical is None or canonical not in self.wanted or canonical in self.seen:
-            return False
-        self.seen.add(canonical)
-        return True
-
-    def filter(self, items: Sequence[AddressItem]) -> tuple[list[str], bool]:
-        """The pieces to emit for the kept items, and whether anything was dropped."""
-        pieces: list[str] = []
-        changed = False
-        for item in items:
-            if item.group_name is None:
-                if self.keep(item):
-                    pieces.append(item.raw)
-                else:
-                    changed = True
-                continue
-            kept = [member for member in item.members if self.keep(member)]
-            if len(kept) == len(item.members):
-                pieces.append(item.raw)
-            else:
-                changed = True
-                pieces.extend(_group_pieces(item, kept))
-        return pieces, changed
-
-
-def _reconcile(
-    fields: Sequence[Field], recipients: Sequence[str], eol: bytes
-) -> tuple[list[Field], bool]:
-    """The fields with To/Cc/Bcc naming exactly `recipients`; and whether a Bcc field was added."""
-    reconciler = _Reconciler({}, set())
-    for address in recipients:
-        reconciler.wanted.setdefault(canonical_address(address), address)
-    out: list[Field] = []
-    bcc: tuple[int, list[str]] | None = None  # the first remaining Bcc field: position, pieces
-    for field in fields:
-        if field.key not in _RECIPIENT_FIELDS:
-            out.append(field)
-            continue
-        parsed = parse_addresses(field.text)
-        pieces, changed = reconciler.filter(parsed.items)
-        if changed and not pieces:
-            continue  # nothing left to name: RFC 5322 has no use for an empty recipient field
-        if field.key == "bcc" and bcc is None:
-            bcc = (len(out), pieces)
-        out.append(fold_field(field.name, pieces, eol) if changed or parsed.semicolons else field)
-    missing = [a for c, a in reconciler.wanted.items() if c not in reconciler.seen]
-    if not missing:
-        return out, False
-    if bcc is None:
-        out.append(fold_field(b"Bcc", missing, eol))
-        return out, True
-    position, pieces = bcc
-    out[position] = fold_field(out[position].name, [*pieces, *missing], eol)
-    return out, False
-
-
 def reconcile_recipients(header_block: bytes, recipients: Sequence[str]) -> bytes:
-    """Rewrite To/Cc/Bcc so that they name exactly `recipients`, each once.
+    """Rewrite To/Cc/Bcc so that they name exactly `recipients`, each once (`reconcile_fields`).
 
-    Header recipients that are not envelope recipients (or repeat an earlier mention) are removed;
-    envelope recipients no field names are added to the first remaining Bcc field, or to a new Bcc
-    field at the end of the header block. Comparison is case-insensitive. Fields that need no change
-    stay byte-identical. `header_block` may be a whole message: everything after the header block
-    is returned unchanged.
+    Fields that need no change stay byte-identical. `header_block` may be a whole message:
+    everything after the header block is returned unchanged.
     """
-    message = split_message(header_block)
-    fields, _ = _reconcile(message.fields, recipients, message.eol)
-    return message.assemble(fields)
+    message = split_header_from_body(header_block)
+    return message.assemble(reconcile_fields(message.fields, recipients, message.eol).fields)
 
 
 # --- trace and identity fields --------------------------------------------------------------------
@@ -315,25 +243,18 @@ def _header_addresses(fields: Iterable[Field], keys: Sequence[str]) -> tuple[str
     for field in fields:
         if field.key in keys:
             for item in parse_address_list(field.text):
-                found.update((address.lower(), None) for address in item.addresses)
+                found.update((fold_ascii(address), None) for address in item.addresses)
     return tuple(found)
 
 
-def author_addresses(raw: bytes) -> tuple[str, ...]:
-    """The addresses in the top-level From and Sender fields, lowercased, first mention first.
-
-    Used by the sender policy (DESIGN §8), so a field that cannot be tokenized raises
-    `UnparseableMessageError` rather than yielding a partial answer. `()` when there are none.
-    """
-    return _header_addresses(split_message(raw).fields, ("from", "sender"))
-
-
 def prepare_for_graph(
-    raw: bytes, envelope: Envelope, trace: TraceInfo, *, message_id_local: str
+    message: HeaderAndBody, envelope: Envelope, trace: TraceInfo, *, message_id_local: str
 ) -> PreparedMessage:
     """The message as Graph's MIME `sendMail` must get it (DESIGN §7).
 
-    Adds `Received:` at the top; reconciles To/Cc/Bcc with the envelope recipients; appends
+    `message` is the received message as `split_header_from_body` cut it (once per DATA).
+    Adds `Received:` at the top; reconciles To/Cc/Bcc with the envelope recipients; writes author
+    items with an ambiguous display name canonically (`relay.core.message.recipients`); appends
     `Date:` and `Message-ID: <{message_id_local}@{relay_hostname}>` when the header block has none
     (an empty one is replaced). Everything else, the body above all, is passed through unchanged.
     """
@@ -341,9 +262,9 @@ def prepare_for_graph(
         raise ValueError("an envelope needs at least one recipient")
     if not _DOT_ATOM_TEXT.fullmatch(message_id_local):
         raise ValueError(f"message_id_local must be RFC 5322 dot-atom-text: {message_id_local!r}")
-    message = split_message(raw)
-    fields, bcc_added = _reconcile(message.fields, envelope.recipients, message.eol)
-    added = ["Received", "Bcc"] if bcc_added else ["Received"]
+    reconciled = reconcile_fields(message.fields, envelope.recipients, message.eol)
+    fields = canonical_authors(reconciled.fields, message.eol)
+    added = ["Received", "Bcc"] if reconciled.bcc_added else ["Received"]
 
     fields, date = _existing(fields, "date")
     if date is None:
@@ -362,6 +283,6 @@ def prepare_for_graph(
         mime=message.assemble([_received(trace, envelope, message.eol), *fields]),
         message_id=message_id,
         subject=subject,
-        header_recipients=_header_addresses(fields, _RECIPIENT_FIELDS),
+        header_recipients=_header_addresses(fields, RECIPIENT_FIELDS),
         added_headers=tuple(added),
     )

@@ -10,7 +10,7 @@ out; no I/O.
 # Theory of operation
 # ===================
 #
-# Like `relay.message`, this never parses the message into an object model and serialises it
+# Like `message.prepare`, this never parses the message into an object model and serialises it
 # back. It walks the MIME tree by byte offsets into the one copy of the message the caller
 # holds: an entity is `header block | empty line | body`, a multipart body is
 # `preamble (delimiter part)* close-delimiter epilogue`, where a delimiter line is `--boundary`
@@ -28,19 +28,21 @@ from __future__ import annotations
 import binascii
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import collapse_rfc2231_value
 from typing import Literal
 
+from relay.core.message.headers import decode_words
+from relay.core.message.multipart import body_parts
+
 __all__ = [
     "BIG_ATTACHMENT",
     "BigAttachment",
-    "SplitMessage",
+    "SkeletonSplit",
     "iter_decoded",
-    "split_message",
+    "split_off_big_attachments",
 ]
 
 # attachment-createuploadsession.md: "Use this approach to attach a file if the file size is
@@ -86,7 +88,7 @@ class BigAttachment:
 
 
 @dataclass(frozen=True, slots=True)
-class SplitMessage:
+class SkeletonSplit:
     """The skeleton (a complete message) and the attachments to upload separately, in order."""
 
     skeleton: bytes
@@ -133,7 +135,7 @@ def iter_decoded(source: bytes, start: int, end: int, encoding: Encoding) -> Ite
         yield binascii.a2b_base64(carry[:usable])
 
 
-def split_message(source: bytes, *, threshold: int = BIG_ATTACHMENT) -> SplitMessage:
+def split_off_big_attachments(source: bytes, *, threshold: int = BIG_ATTACHMENT) -> SkeletonSplit:
     """Leave out of `source` every attachment whose decoded size is at least `threshold`.
 
     Attachments are leaf parts below a multipart other than text/plain and text/html bodies
@@ -145,7 +147,7 @@ def split_message(source: bytes, *, threshold: int = BIG_ATTACHMENT) -> SplitMes
     pieces = walker.entity(0, len(source), depth=0, top=True)
     assert pieces is not None
     skeleton = b"".join(p if isinstance(p, bytes) else source[p[0] : p[1]] for p in pieces)
-    return SplitMessage(skeleton=skeleton, attachments=tuple(walker.found))
+    return SkeletonSplit(skeleton=skeleton, attachments=tuple(walker.found))
 
 
 # --- the walk --------------------------------------------------------------------------------
@@ -172,56 +174,8 @@ def _header_end(buf: bytes, start: int, end: int) -> tuple[int, int]:
     return lf + 1, lf + 2
 
 
-@dataclass(frozen=True, slots=True)
-class _Part:
-    delimiter: int  # where the delimiter line (with the line break before it) starts
-    start: int
-    end: int
-
-
-def _parts(buf: bytes, start: int, end: int, boundary: bytes) -> tuple[list[_Part], int]:
-    """The body parts of a multipart body and where its close delimiter starts (or `end`)."""
-    marker = b"--" + boundary
-    parts: list[_Part] = []
-    pos = start
-    opened: tuple[int, int] | None = None  # (delimiter start, content start) of the open part
-    while True:
-        found = buf.find(marker, pos, end)
-        if found < 0:
-            break
-        pos = found + 1
-        if found != start and buf[found - 1] != 0x0A:
-            continue
-        after = found + len(marker)
-        closing = buf.startswith(b"--", after)
-        line_end = buf.find(b"\n", after, end)
-        line_end = end if line_end < 0 else line_end + 1
-        rest = buf[after + (2 if closing else 0) : line_end]
-        if rest.strip(b" \t\r\n"):
-            continue  # a longer boundary that merely starts with ours
-        delimiter = found
-        if found != start:
-            delimiter = found - 2 if buf[found - 2 : found] == b"\r\n" else found - 1
-        if opened is not None:
-            parts.append(_Part(opened[0], opened[1], max(opened[1], delimiter)))
-        if closing:
-            return parts, delimiter
-        opened = (delimiter, line_end)
-        pos = line_end
-    if opened is not None:
-        parts.append(_Part(opened[0], opened[1], end))
-    return parts, end
-
-
 def _text(value: str | None) -> str | None:
-    if value is None:
-        return None
-    if "=?" in value:
-        try:
-            return str(make_header(decode_header(value)))
-        except (LookupError, UnicodeDecodeError, ValueError, binascii.Error):
-            return value
-    return value
+    return decode_words(value) if value is not None else None
 
 
 @dataclass(slots=True)
@@ -252,7 +206,7 @@ class _Walker:
         self, headers: Message, boundary: str, start: int, body: int, end: int, depth: int
     ) -> list[_Piece]:
         encoded = boundary.encode("utf-8", "surrogateescape")
-        parts, close = _parts(self.source, body, end, encoded)
+        parts, close = body_parts(self.source, body, end, encoded)
         if not parts:
             return [(start, end)]
         pieces: list[_Piece] = [(start, parts[0].delimiter)]
