@@ -240,3 +240,18 @@ async def test_the_store_runs_file_io_on_its_own_threads(relay: FileStore) -> No
     relay.spool.store = spy  # type: ignore[method-assign]
     await relay.put(replace(entry()), MESSAGE)
     assert names[0].startswith("store")
+
+
+async def test_concurrent_refreshes_and_moves_agree_with_the_disk(relay: FileStore) -> None:
+    """Rescans racing claims and puts on the store's threads end with the index the disk
+    describes (a rescan may have looked before a move; the move's record wins)."""
+    for n in range(50):
+        await relay.put(entry(f"Q{n:02}"), MESSAGE)
+    moves = [relay.claim(f"Q{n:02}") for n in range(0, 50, 2)]
+    moves += [relay.put(entry(f"N{n:02}"), MESSAGE) for n in range(10)]
+    await asyncio.gather(*moves, relay.refresh(), relay.refresh(), relay.refresh())
+    stats = await relay.stats(NOW)
+    on_disk = {s: len(list((relay.root / s).iterdir())) for s in ("queue", "active")}
+    assert (stats.queued, stats.active) == (on_disk["queue"], on_disk["active"]) == (35, 25)
+    await relay.refresh()
+    assert await relay.stats(NOW) == stats

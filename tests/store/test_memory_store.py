@@ -70,3 +70,21 @@ async def test_free_bytes_bounds_what_put_accepts(memory: MemoryStore) -> None:
     memory.free_bytes = len(MESSAGE)
     await memory.put(entry(), MESSAGE)
     assert await memory.read_message("Q1") == MESSAGE
+
+
+async def test_a_settle_that_fails_leaves_the_entry_claimed_and_not_due(
+    memory: MemoryStore,
+) -> None:
+    """Hardening #11 item 2: the engine keeps the outcome and tries again; meanwhile nobody may
+    attempt the message, and the second try lands as if the first had."""
+    await memory.put(entry(), MESSAGE)
+    got = await memory.claim("Q1")
+    assert got is not None
+    memory.fail_next()
+    with pytest.raises(StoreUnavailableError):
+        await memory.bury(got, "550 5.1.1")
+    assert await memory.due(NOW, 10) == []
+    assert await memory.claim("Q1") is None
+    assert counts(await memory.stats(NOW)) == (0, 1, 0, 0, 0)
+    await memory.bury(got, "550 5.1.1")
+    assert counts(await memory.stats(NOW)) == (0, 0, 1, 0, 0)

@@ -65,6 +65,7 @@ class FileStore:
         self._index = StoreIndex()
         self._seen: dict[str, _Seen] = {}
         self._touched: set[str] | None = None  # ids moved while a rescan runs
+        self._rescanning = asyncio.Lock()  # one rescan at a time: they share `_touched`
         self._mode: Literal["closed", "relay", "operator"] = "closed"
 
     def has_room_for(self, size: int) -> bool:
@@ -168,7 +169,8 @@ class FileStore:
         """Rescan the directories (module docstring): one readdir each, unseen metadata read."""
         if self._mode == "closed":
             raise RuntimeError("recover() or open_for_operator() must run first")
-        await self._run(self._rescan)
+        async with self._rescanning:
+            await self._run(self._rescan)
 
     async def stats(self, now: float) -> StoreStats:
         """From the index: no file-system call at all."""
