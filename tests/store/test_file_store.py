@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.core.values import EntryMeta
+from relay.core.values import EntryMeta, State
 from relay.store.files import FileStore, StoreLockedError
 from relay.store.integrity import digest
 from relay.store.protocol import EntryNotFoundError, Store
@@ -244,16 +244,27 @@ async def test_the_store_runs_file_io_on_its_own_threads(relay: FileStore) -> No
     assert names[0].startswith("store")
 
 
-async def test_concurrent_refreshes_and_moves_agree_with_the_disk(relay: FileStore) -> None:
-    """Rescans racing claims and puts on the store's threads end with the index the disk
-    describes (a rescan may have looked before a move; the move's record wins)."""
-    for n in range(50):
-        await relay.put(entry(f"Q{n:02}"), MESSAGE)
-    moves = [relay.claim(f"Q{n:02}") for n in range(0, 50, 2)]
-    moves += [relay.put(entry(f"N{n:02}"), MESSAGE) for n in range(10)]
-    await asyncio.gather(*moves, relay.refresh(), relay.refresh(), relay.refresh())
-    stats = await relay.stats(NOW)
-    on_disk = {s: len(list((relay.root / s).iterdir())) for s in ("queue", "active")}
-    assert (stats.queued, stats.active) == (on_disk["queue"], on_disk["active"]) == (35, 25)
-    await relay.refresh()
-    assert await relay.stats(NOW) == stats
+async def test_a_claim_made_while_a_rescan_runs_is_not_undone_by_it(relay: FileStore) -> None:
+    """The rescan lists queue/ before the claim and active/ after it, so it sees Q1 as queued;
+    the claim's own record must win, or the entry would be listed as due while claimed."""
+    await relay.put(entry(), MESSAGE)
+    listed_queue, gate = threading.Event(), threading.Event()
+    real = relay.layout.scan
+
+    def paused_scan(state: State) -> list[tuple[str, int]]:
+        if state == "quarantine":  # queue/ has been listed
+            listed_queue.set()
+            gate.wait(10)
+        return real(state)
+
+    relay.layout.scan = paused_scan  # type: ignore[method-assign]
+    rescan = asyncio.create_task(relay.refresh())
+    await asyncio.get_running_loop().run_in_executor(None, listed_queue.wait, 10)
+    assert await relay.claim("Q1") is not None
+    gate.set()
+    await rescan
+    assert counts(await relay.stats(NOW)) == (0, 1, 0, 0, 0)
+    assert await relay.due(NOW, 10) == []
+    relay.layout.scan = real  # type: ignore[method-assign]
+    await relay.refresh()  # and the next rescan, with nothing racing it, agrees
+    assert counts(await relay.stats(NOW)) == (0, 1, 0, 0, 0)
