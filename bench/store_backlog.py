@@ -68,14 +68,21 @@ async def run(entries: int, repeat: int, root: Path) -> list[str]:
     await store.refresh()  # first rescan after the puts: reads each entry once
     spool = store.spool
     busy = {("contoso", f"box{n}@contoso.com") for n in range(0, 50, 2)}
+    all_but_one = {("contoso", f"box{n}@contoso.com") for n in range(1, 50)}
     rows = [
-        f"{entries} queued entries, {repeat} calls each",
+        f"{entries} queued entries (all due for `due`), {repeat} calls each",
         "",
         "| call | CPU ms (median) | listings / call | metadata reads / call |",
         "|---|---:|---:|---:|",
         await _measure(store, "FileStore.stats", lambda: store.stats(NOW + 300), repeat),
         await _measure(
-            store, "FileStore.due(100, 25 busy)", lambda: store.due(NOW, 100, busy), repeat
+            store, "FileStore.due(100, 25 busy)", lambda: store.due(NOW + 600, 100, busy), repeat
+        ),
+        await _measure(
+            store,
+            "FileStore.due(100, 49 busy)",
+            lambda: store.due(NOW + 600, 100, all_but_one),
+            repeat,
         ),
         await _measure(store, "FileStore.next_due", store.next_due, repeat),
         await _measure(
