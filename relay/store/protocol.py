@@ -59,10 +59,16 @@ __all__ = [
     "StoreError",
     "StoreStats",
     "StoreUnavailableError",
+    "crash_reason",
 ]
 
 # (auth object name, mailbox casefolded): the unit Graph counts concurrency and budgets in.
 MailboxKey = tuple[str, str]
+
+
+def crash_reason(crashes: int) -> str:
+    """The dead_reason `recover` gives an entry it quarantines (the operator reads it)."""
+    return f"the relay died {crashes} times while handling it"
 
 
 class StoreError(RelayError):
@@ -115,7 +121,11 @@ class Store(Protocol):
         ...
 
     async def put(self, entry: EntryMeta, message: bytes, *, claimed: bool = False) -> None:
-        """Store a new message durably (the commit point). Raises StoreUnavailableError."""
+        """Store a new message durably (the commit point). Raises StoreUnavailableError.
+
+        The store records the size and SHA-256 of `message`, whatever `entry` states
+        (`relay.store.integrity.sealed`). A queue id already stored is a caller's bug:
+        ValueError."""
         ...
 
     async def due(
@@ -173,7 +183,8 @@ class Store(Protocol):
     # --- operator commands (the `queue` CLI), safe while relays run --------------------------
 
     async def list(self, state: State) -> Sequence[EntryMeta]:
-        """Every entry in `state`, oldest first."""
+        """Every entry in `state`, oldest first; ValueError for "corrupt" (no readable
+        metadata: `stats().corrupt` counts them, `delete`/`purge` remove them)."""
         ...
 
     async def find(self, queue_id: str) -> tuple[State, EntryMeta] | None:
