@@ -45,10 +45,10 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from email.utils import format_datetime
 
 from relay.core.message import dsn_gates as gates
 from relay.core.message.headers import split_header_from_body
+from relay.core.message.stdlib_email import rfc5322_date
 
 __all__ = ["MAX_QUOTED_HEADER", "BounceRequest", "FailedRecipient", "build_dsn"]
 
@@ -160,7 +160,7 @@ def _human_part(request: BounceRequest, addresses: Sequence[str], *, shortened: 
     text += [
         "",
         f"Queue ID: {gates.token(request.queue_id)}",
-        f"Arrived:  {format_datetime(request.arrival)}",
+        f"Arrived:  {rfc5322_date(request.arrival)}",
         "",
         *wrap.wrap(
             (
@@ -185,9 +185,9 @@ def _report_part(request: BounceRequest, addresses: Sequence[str]) -> bytes:
     fields = [
         f"Reporting-MTA: dns; {gates.token(request.reporting_mta)}",
         f"X-Queue-ID: {gates.token(request.queue_id)}",
-        f"Arrival-Date: {format_datetime(request.arrival)}",
+        f"Arrival-Date: {rfc5322_date(request.arrival)}",
     ]
-    last_attempt = format_datetime(request.now)
+    last_attempt = rfc5322_date(request.now)
     for address, recipient in zip(addresses, request.recipients, strict=True):
         fields += [
             "",
@@ -265,7 +265,7 @@ def build_dsn(request: BounceRequest) -> bytes:
         f"From: Mail Delivery System <{gates.address(request.from_address)}>",
         f"To: <{gates.address(request.envelope_from)}>",
         "Subject: Undelivered Mail Returned to Sender",
-        f"Date: {format_datetime(request.now)}",
+        f"Date: {rfc5322_date(request.now)}",
         f"Message-ID: <{request.message_id_local}@{host}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",

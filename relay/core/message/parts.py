@@ -31,13 +31,15 @@ from __future__ import annotations
 import binascii
 import re
 from dataclasses import dataclass, field
-from email.message import Message
-from email.parser import BytesHeaderParser
-from email.policy import compat32
+from typing import TYPE_CHECKING
 
 from relay.core.errors import RelayError, SmtpReply
 from relay.core.message.headers import Field, decode_words, split_header_from_body
 from relay.core.message.multipart import body_parts
+from relay.core.message.stdlib_email import parse_mime_headers
+
+if TYPE_CHECKING:
+    from email.message import Message
 
 __all__ = [
     "Attachment",
@@ -126,7 +128,7 @@ class Entity:
     def parse(cls, raw: bytes, default_type: str = "text/plain") -> Entity:
         split = split_header_from_body(raw)
         header_bytes = b"".join(f.raw for f in split.fields)
-        headers = BytesHeaderParser(policy=compat32).parsebytes(header_bytes)
+        headers = parse_mime_headers(header_bytes)
         headers.set_default_type(default_type)
         return cls(split.fields, headers, split.body, default_type)
 

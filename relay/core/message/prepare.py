@@ -39,7 +39,6 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from email.utils import format_datetime
 
 from relay.core.message import UnparseableMessageError
 from relay.core.message.addresses import (
@@ -65,6 +64,7 @@ from relay.core.message.headers import (
 )
 from relay.core.message.loops import is_bounce
 from relay.core.message.recipients import RECIPIENT_FIELDS, canonical_authors, reconcile_fields
+from relay.core.message.stdlib_email import rfc5322_date
 
 __all__ = [
     "AddressItem",
@@ -203,7 +203,7 @@ def _received(trace: TraceInfo, envelope: Envelope, eol: bytes) -> Field:
         f"\tby {_trace_token(trace.relay_hostname)} (smtp-graph-relay)"
         f" with {trace.protocol} id {_trace_token(trace.queue_id)}",
     ]
-    date = format_datetime(trace.now)
+    date = rfc5322_date(trace.now)
     recipients = _dedupe(envelope.recipients)
     if len(recipients) == 1:  # naming one of several recipients would disclose the others' Bcc
         address = "".join(ch for ch in recipients[0] if ch.isprintable() and ch not in "<>")
@@ -268,7 +268,7 @@ def prepare_for_graph(
 
     fields, date = _existing(fields, "date")
     if date is None:
-        fields.append(simple_field("Date", format_datetime(trace.now), message.eol))
+        fields.append(simple_field("Date", rfc5322_date(trace.now), message.eol))
         added.append("Date")
     fields, existing_id = _existing(fields, "message-id")
     if existing_id is None:

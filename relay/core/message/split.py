@@ -28,14 +28,14 @@ from __future__ import annotations
 import binascii
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from email.message import Message
-from email.parser import BytesHeaderParser
-from email.policy import compat32
-from email.utils import collapse_rfc2231_value
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from relay.core.message.headers import decode_words
 from relay.core.message.multipart import body_parts
+from relay.core.message.stdlib_email import collapse_parameter, parse_mime_headers
+
+if TYPE_CHECKING:
+    from email.message import Message
 
 __all__ = [
     "BIG_ATTACHMENT",
@@ -188,7 +188,7 @@ class _Walker:
     def entity(self, start: int, end: int, *, depth: int, top: bool = False) -> list[_Piece] | None:
         """The skeleton pieces of the entity at `start:end`; None when it is left out."""
         header_end, body = _header_end(self.source, start, end)
-        headers = BytesHeaderParser(policy=compat32).parsebytes(self.source[start:header_end])
+        headers = parse_mime_headers(self.source[start:header_end])
         boundary = _param(headers, "boundary")
         if headers.get_content_maintype() == "multipart" and boundary:
             if depth >= MAX_DEPTH:
@@ -262,9 +262,7 @@ def _param(headers: Message, name: str) -> str | None:
     value = headers.get_param(name)
     if value is None:
         return None
-    if isinstance(value, tuple):  # RFC 2231: (charset, language, text)
-        return collapse_rfc2231_value(value)
-    return value
+    return collapse_parameter(value)
 
 
 def _default_name(content_type: str) -> str:
