@@ -46,6 +46,9 @@ CLIENTS = textwrap.dedent(
     - name: printers
       networks: [10.0.5.0/24]
       senders: ["scanner@contoso.com"]
+    - name: monitor
+      networks: [127.0.0.9/32]
+      senders: ["monitor@contoso.com"]
     - name: erp
       username: erp
       password_hash: "{HASH}"
@@ -94,13 +97,16 @@ async def auth_relay(
         await service.stop()
 
 
-def connect(relay: AuthRelay, listener: int, *, starttls: bool = True) -> smtplib.SMTP:
+def connect(
+    relay: AuthRelay, listener: int, *, starttls: bool = True, source: str = "127.0.0.1"
+) -> smtplib.SMTP:
     """An smtplib client after EHLO (and STARTTLS + EHLO again, unless told not to)."""
     client: smtplib.SMTP
+    where = ("127.0.0.1", relay.port(listener))
     if listener == IMPLICIT:
-        client = smtplib.SMTP_SSL("127.0.0.1", relay.port(listener), context=relay.tls, timeout=30)
+        client = smtplib.SMTP_SSL(*where, context=relay.tls, timeout=30, source_address=(source, 0))
     else:
-        client = smtplib.SMTP("127.0.0.1", relay.port(listener), timeout=30)
+        client = smtplib.SMTP(*where, timeout=30, source_address=(source, 0))
     client.ehlo("device.test")
     if starttls and listener != IMPLICIT:
         client.starttls(context=relay.tls)
@@ -263,8 +269,11 @@ async def test_credentials_and_networks_must_both_match(
 
 
 async def test_no_auth_listener_offers_no_auth_even_after_starttls(auth_relay: AuthRelay) -> None:
+    """A network client (127.0.0.9) on an `auth: none` listener sees no AUTH line, before or
+    after STARTTLS, and AUTH is an unknown mechanism there."""
+
     def scenario() -> tuple[bool, bytes, tuple[int, str]]:
-        with connect(auth_relay, NO_AUTH) as client:
+        with connect(auth_relay, NO_AUTH, source="127.0.0.9") as client:
             _, ehlo = client.ehlo("device.test")
             return client.has_extn("auth"), ehlo, auth_plain(client, "erp", PASSWORD)
 
