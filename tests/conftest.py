@@ -196,7 +196,8 @@ def smtp_send(
         else:
             client = smtplib.SMTP("127.0.0.1", port, source_address=(source, 0), timeout=30)
     except smtplib.SMTPConnectError as refused:  # e.g. 554 5.7.1 instead of the greeting
-        return SmtpOutcome(refused.smtp_code, refused.smtp_error.decode())
+        error = refused.smtp_error
+        return SmtpOutcome(refused.smtp_code, error.decode() if isinstance(error, bytes) else error)
     with client:
         client.ehlo("device.test")
         if starttls is not None:
