@@ -134,7 +134,7 @@ async def read_data(
 
 def _discarding(limits: ContentLimits, partial: bool) -> DataDecoder:
     """A decoder that keeps nothing and only finds the end of DATA (after a spill)."""
-    decoder = DataDecoder(replace(limits, max_size=0))
+    decoder = DataDecoder(replace(limits, max_size=1))  # the first line is over it
     if partial:  # the stream is inside a long line: a following ".\r\n" does not end DATA
         decoder.feed(b"x")
     return decoder

@@ -104,16 +104,15 @@ class DataMemoryBudget:
 
     def _break_deadlock(self) -> None:
         """Spill the youngest waiter while every holder waits (module docstring)."""
-        while self._waiting and all(order in self._waiting for order in self._holders):
-            if not self._holders:
-                break  # nobody holds anything: the oldest waiter is granted below
+        self._grant()
+        while self._holders and all(order in self._waiting for order in self._holders):
             youngest = max(order for order in self._waiting if order in self._holders)
             reservation, _, future = self._waiting.pop(youngest)
             self.spills += 1
             self._give_back(reservation)
             if not future.done():
                 future.set_result(False)
-        self._grant()
+            self._grant()
 
     def _grant(self) -> None:
         for order in sorted(self._waiting):
