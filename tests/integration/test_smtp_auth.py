@@ -12,7 +12,8 @@ import ssl
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -20,10 +21,16 @@ from typing import TypeVar
 import pytest
 from argon2 import PasswordHasher
 
-from relay.config.schema import ClientConfig
+from relay.config.schema import ClientConfig, Config
+from relay.core.errors import SmtpReply
+from relay.core.policy import identify_client
+from relay.core.values import Submission
 from relay.sandbox import Sandbox
 from relay.service import RelayService
 from relay.smtp.auth import hash_password, verify_password
+from relay.smtp.connections import ConnectionLimiter
+from relay.smtp.handler import RelayHandler
+from relay.smtp.session import RelaySMTP, server_tls_context
 from tests.conftest import MAILBOX, TlsFiles, build_config, message, relay_config_text
 from tests.e2e.test_real_clients import run, swaks
 
@@ -390,3 +397,145 @@ async def test_swaks_authenticates_over_starttls(
     assert "235 2.7.0 Authentication successful" in output
     assert "250 2.0.0 Ok: delivered" in output
     assert len(await sandbox.wait_for_mail(1)) == 1
+
+
+# --- the client is decided once per session ------------------------------------------------
+
+
+class AcceptingSubmitter:
+    """The delivery engine's part as an honest fake: every prepared message is taken."""
+
+    def __init__(self) -> None:
+        self.submitted: list[Submission] = []
+
+    async def submit(self, submission: Submission) -> SmtpReply:
+        self.submitted.append(submission)
+        return SmtpReply(250, "2.0.0", f"Ok: queued {submission.queue_id}")
+
+
+@dataclass
+class CountedRelay:
+    """A real listener (STARTTLS, auth: optional) whose handler counts identify_client calls."""
+
+    port: int
+    tls: ssl.SSLContext
+    calls: list[tuple[str, str | None]]
+    config: list[Config]  # [current]; replace the element to "reload"
+
+
+@pytest.fixture
+async def counted_relay(
+    sandbox: Sandbox, tmp_path: Path, relay_tls: TlsFiles
+) -> AsyncIterator[CountedRelay]:
+    clients = CLIENTS + "- {name: local, networks: [127.0.0.1/32], senders: ['*@contoso.com']}\n"
+    text = relay_config_text(
+        sandbox,
+        listeners=LISTENERS,
+        smtp_extra=f"tls: {{cert_file: {relay_tls.cert_file}, key_file: {relay_tls.key_file}}}",
+        clients=clients,
+    )
+    current = [build_config(text, tmp_path)]
+    calls: list[tuple[str, str | None]] = []
+
+    def counting(
+        clients: Sequence[ClientConfig], client_ip: str, user: str | None = None
+    ) -> ClientConfig:
+        calls.append((client_ip, user))
+        return identify_client(clients, client_ip, user)
+
+    handler = RelayHandler(
+        config=lambda: current[0], submitter=AcceptingSubmitter(), identify=counting
+    )
+    tls = server_tls_context(str(relay_tls.cert_file), str(relay_tls.key_file))
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: RelaySMTP(
+            handler,
+            limiter=ConnectionLimiter(total=10, per_client=10),
+            outsiders_may_connect=True,
+            tls_context=tls,
+            hostname="relay.test",
+            decode_data=False,
+            auth_require_tls=True,
+            loop=loop,
+        ),
+        "127.0.0.1",
+        0,
+    )
+    try:
+        port = int(server.sockets[0].getsockname()[1])
+        yield CountedRelay(port, relay_tls.client_context(), calls, current)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def transaction(client: smtplib.SMTP, recipients: int = 3) -> int:
+    assert client.mail(MAILBOX)[0] == 250
+    for n in range(recipients):
+        assert client.rcpt(f"r{n}@partner.example")[0] == 250
+    return client.data(message())[0]
+
+
+async def test_a_network_client_is_identified_once_for_the_whole_session(
+    counted_relay: CountedRelay,
+) -> None:
+    """Two transactions (MAIL, 3 x RCPT, DATA each) cost one identification, at connect."""
+
+    def scenario() -> list[int]:
+        with smtplib.SMTP("127.0.0.1", counted_relay.port, timeout=30) as client:
+            client.ehlo("device.test")
+            return [transaction(client), transaction(client)]
+
+    assert await off_loop(scenario) == [250, 250]
+    assert counted_relay.calls == [("127.0.0.1", None)]
+
+
+async def test_a_successful_auth_identifies_the_session_again_once(
+    counted_relay: CountedRelay,
+) -> None:
+    """Connect (as 127.0.0.1), STARTTLS, AUTH as erp: the next MAIL re-identifies as the
+    user, and nothing else does."""
+
+    def scenario() -> int:
+        with smtplib.SMTP("127.0.0.1", counted_relay.port, timeout=30) as client:
+            client.ehlo("device.test")
+            client.starttls(context=counted_relay.tls)
+            client.ehlo("device.test")
+            assert auth_plain(client, "erp", PASSWORD)[0] == 235
+            return transaction(client)
+
+    assert await off_loop(scenario) == 250
+    assert counted_relay.calls == [("127.0.0.1", None), ("127.0.0.1", "erp")]
+
+
+async def test_a_reload_that_replaces_the_client_list_identifies_again(
+    counted_relay: CountedRelay, tmp_path: Path, sandbox: Sandbox, relay_tls: TlsFiles
+) -> None:
+    """After a reload (a new Config, so a new client list) the open session's next command
+    is judged against the new list: here the client was removed, so MAIL gets 550."""
+    first_done, swapped = threading.Event(), threading.Event()
+
+    def scenario() -> tuple[int, int]:
+        with smtplib.SMTP("127.0.0.1", counted_relay.port, timeout=30) as client:
+            client.ehlo("device.test")
+            first = transaction(client, recipients=1)
+            first_done.set()
+            swapped.wait(30)
+            return first, client.mail(MAILBOX)[0]
+
+    sending = asyncio.ensure_future(off_loop(scenario))
+    assert await asyncio.to_thread(first_done.wait, 30)
+    # the reloaded configuration no longer lists 127.0.0.1
+    counted_relay.config[0] = build_config(
+        relay_config_text(
+            sandbox,
+            listeners=LISTENERS,
+            smtp_extra=f"tls: {{cert_file: {relay_tls.cert_file}, key_file: {relay_tls.key_file}}}",
+            clients=CLIENTS,
+        ),
+        tmp_path,
+    )
+    swapped.set()
+    assert await sending == (250, 550)
+    assert counted_relay.calls == [("127.0.0.1", None), ("127.0.0.1", None)]

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from relay.config.schema import DeliveryConfig, SmtpConfig
-from relay.smtp.connections import OUTSIDER_CONNECTIONS
 from relay.service import RelayService
+from relay.smtp.connections import OUTSIDER_CONNECTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "smtp-graph-relay.service"
@@ -183,7 +183,7 @@ def _bytes(value: str) -> int:
     """A systemd size (K, M, G, T suffixes are powers of 1024)."""
     units = {"K": 1, "M": 2, "G": 3, "T": 4}
     if value[-1:].upper() in units:
-        return int(value[:-1]) * 1024 ** units[value[-1].upper()]
+        return int(value[:-1]) * int(1024 ** units[value[-1].upper()])
     return int(value)
 
 
