@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import logging
 import smtplib
 import ssl
@@ -25,6 +26,7 @@ from relay.config.schema import ClientConfig, Config
 from relay.core.errors import SmtpReply
 from relay.core.policy import identify_client
 from relay.core.values import Submission
+from relay.ops.logs import setup_logging
 from relay.sandbox import Sandbox
 from relay.service import RelayService
 from relay.smtp.auth import hash_password, verify_password
@@ -539,3 +541,34 @@ async def test_a_reload_that_replaces_the_client_list_identifies_again(
     swapped.set()
     assert await sending == (250, 550)
     assert counted_relay.calls == [("127.0.0.1", None), ("127.0.0.1", None)]
+
+
+# --- what AUTH leaves in the log -----------------------------------------------------------
+
+# What a client might type at "334 Username:" by mistake: its password, not base64.
+NOT_BASE64 = "Hunter2-Pa$$word!"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_an_auth_login_reply_that_is_not_base64_is_not_logged_at_debug(
+    auth_relay: AuthRelay, caplog: pytest.LogCaptureFixture, fmt: str
+) -> None:
+    """With `logging.level: debug` the relay's own debug logging is on, but aiosmtpd's
+    ("mail.log", which logs an undecodable AUTH reply as it came) stays at WARNING: the
+    reply, which may be a password, appears in no log output."""
+    output = io.StringIO()
+    setup_logging("debug", fmt, stream=output)
+    caplog.set_level(logging.DEBUG)
+    assert logging.getLogger("relay.smtp").isEnabledFor(logging.DEBUG)
+    assert not logging.getLogger("mail.log").isEnabledFor(logging.DEBUG)
+
+    def scenario() -> tuple[int, int]:
+        with connect(auth_relay, OPTIONAL) as client:
+            code, _ = client.docmd("AUTH", "LOGIN")
+            reply, _ = client.docmd(NOT_BASE64)
+            return code, reply
+
+    assert await off_loop(scenario) == (334, 501)
+    assert NOT_BASE64 not in output.getvalue()
+    assert NOT_BASE64 not in caplog.text
+    assert base64.b64encode(NOT_BASE64.encode()).decode() not in output.getvalue()
