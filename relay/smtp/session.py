@@ -6,8 +6,8 @@ this module decides what one connection may do at all, which concerns the sessio
 
 Protocol defences (DESIGN §8):
 
-- DATA is read here, not by aiosmtpd, so that `relay.core.message.limits` sees every line as it
-  came off the wire (SMTP smuggling, size, header block size, MIME depth) and a deadline can
+- DATA is read by `relay.smtp.data.DataPhase` (which `RelaySMTP` extends), not by aiosmtpd,
+  so that `relay.core.message.limits` sees every line as it came off the wire (SMTP smuggling, size, header block size, MIME depth) and a deadline can
   bound the whole DATA phase (`421 4.4.2`); the idle timer is refreshed while DATA lines keep
   coming. What DATA holds in memory is reserved from the shared `relay.smtp.memory` budget as
   it arrives; without room the session stops reading (the deadline pauses meanwhile), and a
