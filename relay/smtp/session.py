@@ -7,11 +7,12 @@ this module decides what one connection may do at all, which concerns the sessio
 Protocol defences (DESIGN §8):
 
 - DATA is read by `relay.smtp.data.DataPhase` (which `RelaySMTP` extends), not by aiosmtpd,
-  so that `relay.core.message.limits` sees every line as it came off the wire (SMTP smuggling, size, header block size, MIME depth) and a deadline can
-  bound the whole DATA phase (`421 4.4.2`); the idle timer is refreshed while DATA lines keep
-  coming. What DATA holds in memory is reserved from the shared `relay.smtp.memory` budget as
-  it arrives; without room the session stops reading (the deadline pauses meanwhile), and a
-  message that cannot get room is read to its end without being kept and answered `452 4.3.1`;
+  so that `relay.core.message.limits` sees every line as it came off the wire (SMTP
+  smuggling, size, header block size, MIME depth) and a deadline can bound the whole DATA
+  phase (`421 4.4.2`); the idle timer is refreshed while DATA lines keep coming. What DATA
+  holds in memory is reserved from the shared `relay.smtp.memory` budget as it arrives;
+  without room the session stops reading (the deadline pauses meanwhile), and a message that
+  cannot get room is read to its end without being kept and answered `452 4.3.1`;
 - at most `max_commands` commands per connection (`421 4.7.0`, then closed);
 - a SIZE= parameter over the limit is answered `552 5.3.4` (aiosmtpd's own reply has no
   enhanced code);
