@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import smtplib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from argon2 import PasswordHasher
 
 from relay.service import RelayService
+from relay.smtp.auth import hash_password
 from relay.smtp.connections import ConnectionLimiter
-from tests.conftest import MAILBOX, RelayFactory, asmtp_send, message
+from tests.conftest import MAILBOX, RelayFactory, TlsFiles, asmtp_send, message
 
 TIMEOUT = 30.0
 NOT_A_CLIENT = b"554 5.7.1 Relay access denied: not an allowed client\r\n"
@@ -175,3 +178,32 @@ def test_the_outsiders_budget_is_separate_from_the_clients() -> None:
     assert limiter.try_acquire("192.0.2.1")  # the client's slot is still free
     limiter.release_outsider()
     assert limiter.try_acquire_outsider()
+
+
+async def test_a_refused_session_may_still_starttls_and_log_in(
+    start_relay: RelayFactory, relay_tls: TlsFiles
+) -> None:
+    """AUTH, STARTTLS and the EHLO that follows STARTTLS do not count as refused commands:
+    a client that forgot to log in can still do so after its 550, and is then a client."""
+    password = "Correct-Horse-Battery-7"
+    hashed = hash_password(password, PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
+    clients = (
+        "- {name: local, networks: [127.0.0.1/32], senders: ['*@contoso.com']}\n"
+        f"- {{name: erp, username: erp, password_hash: '{hashed}', senders: ['*@contoso.com']}}\n"
+    )
+    relay = await start_relay(tls=True, listeners=AUTH_LISTENER, clients=clients)
+
+    def scenario() -> list[int]:
+        with smtplib.SMTP(
+            "127.0.0.1", port_of(relay), source_address=("127.0.0.2", 0), timeout=30
+        ) as client:
+            client.ehlo("device.test")
+            codes = [client.mail(MAILBOX)[0]]
+            client.starttls(context=relay_tls.client_context())
+            client.ehlo("device.test")
+            client.login("erp", password)
+            codes += [client.noop()[0] for _ in range(3)]
+            codes.append(client.mail(MAILBOX)[0])
+            return codes
+
+    assert await asyncio.to_thread(scenario) == [550, 250, 250, 250, 250]
