@@ -33,6 +33,7 @@ from relay.ops.systemd import SystemdNotifier, run_watchdog
 from relay.smtp.auth import MECHANISMS, SmtpAuthenticator
 from relay.smtp.connections import ConnectionLimiter
 from relay.smtp.handler import RelayHandler
+from relay.smtp.memory import DataMemoryBudget
 from relay.smtp.session import RelaySMTP, SessionLimits, server_tls_context
 from relay.store.files.spool import Spool, SpoolError
 from relay.store.protocol import StoreStats, StoreUnavailableError
@@ -90,6 +91,8 @@ class RelayService:
             per_client=config.smtp.max_connections_per_client,
             metrics=self._sink,
         )
+        # One DATA memory budget for every listener and session (smtp.max_data_memory).
+        self.data_memory = DataMemoryBudget(int(config.smtp.max_data_memory))
         # One authenticator for all listeners: failed-AUTH counts are per client address.
         # `auth_sleep` is the delay before each 535 (tests pass a recorder).
         self.authenticator = SmtpAuthenticator(
@@ -257,6 +260,7 @@ class RelayService:
             self._retired_providers.append(retired)
         self.limiter.total = new.smtp.max_connections
         self.limiter.per_client = new.smtp.max_connections_per_client
+        self.data_memory.limit = int(new.smtp.max_data_memory)
         self._config = new.model_copy(update=keep) if keep else new
         return notes
 
@@ -272,6 +276,9 @@ class RelayService:
                 handler,
                 limiter=self.limiter,
                 limits=SessionLimits.from_config(smtp),
+                memory=self.data_memory,
+                # an AUTH listener lets an address that is no client's in to log in
+                outsiders_may_connect=listener.auth != "none",
                 proxy_networks=smtp.proxy_networks if smtp.proxy_protocol else None,
                 data_size_limit=self.max_message_size,
                 enable_SMTPUTF8=True,

@@ -188,12 +188,16 @@ def smtp_send(
 ) -> SmtpOutcome:
     """Send one message with smtplib and return the final reply (any stage's refusal)."""
     client: smtplib.SMTP
-    if implicit is not None:
-        client = smtplib.SMTP_SSL(
-            "127.0.0.1", port, context=implicit, source_address=(source, 0), timeout=30
-        )
-    else:
-        client = smtplib.SMTP("127.0.0.1", port, source_address=(source, 0), timeout=30)
+    try:
+        if implicit is not None:
+            client = smtplib.SMTP_SSL(
+                "127.0.0.1", port, context=implicit, source_address=(source, 0), timeout=30
+            )
+        else:
+            client = smtplib.SMTP("127.0.0.1", port, source_address=(source, 0), timeout=30)
+    except smtplib.SMTPConnectError as refused:  # e.g. 554 5.7.1 instead of the greeting
+        error = refused.smtp_error
+        return SmtpOutcome(refused.smtp_code, error.decode() if isinstance(error, bytes) else error)
     with client:
         client.ehlo("device.test")
         if starttls is not None:

@@ -1,4 +1,4 @@
-"""SMTP AUTH (RFC 4954): PLAIN and LOGIN over TLS against argon2id hashes, failed-AUTH limits.
+"""SMTP AUTH (RFC 4954): the PLAIN and LOGIN mechanisms over TLS against argon2id hashes.
 
 Why this module exists: DESIGN §8 lets a client prove who it is with a username and password
 instead of (or on top of) its source network. The password is the one secret a client sends us,
@@ -23,13 +23,10 @@ Theory of operation
   failure (unknown user, wrong password, wrong network) takes the same path: count, delay, one
   log line, `535 5.7.8`. Neither reply nor timing tells an attacker which usernames exist, and a
   correct password from outside the client's networks is not confirmed either.
-- Limits (`FailedAuthLimiter`). Failures are counted per client address (an IPv6 client per
-  /64, which one host can fill on its own) in a sliding window. Failure n is answered after
-  `first_delay * 2**(n-1)` seconds; once `max_failures` fell within `window`, every further
-  AUTH from that address gets `421 4.7.0` and the connection is closed, which also counts, so a
-  persistent guesser stays locked out. Memory is bounded: at most `max_tracked` addresses are
-  kept, least recently failed first out. Concurrent connections may each finish the attempt
-  they started, so at most max_connections_per_client guesses can slip past the limit at once.
+- Limits: `relay.smtp.auth_limits.FailedAuthLimiter` counts failures per client address (an
+  IPv6 client per /64) and says how long to wait before each 535 and when to answer 421 and
+  close. Concurrent connections may each finish the attempt they started, so at most
+  max_connections_per_client guesses can slip past the limit at once.
 - Logs. One WARNING per failure, `AUTH failed for user=<name> from ip=<address> (<reason>)`, for
   fail2ban (docs/fail2ban.md). The name is cut to 64 characters from [A-Za-z0-9._@+-] (others
   become `?`), so it never contains a space and cannot forge the `from ip=` part.
@@ -40,14 +37,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
 import logging
 import re
 import secrets
-import time
-from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from aiosmtpd.smtp import AuthResult, Session
@@ -56,6 +49,7 @@ from argon2 import PasswordHasher
 from relay.config.schema import ClientConfig
 from relay.core.errors import PolicyError
 from relay.core.policy import identify_client
+from relay.smtp.auth_limits import AuthLimits, FailedAuthLimiter
 from relay.smtp.passwords import (
     DEFAULT_HASHER,
     HASH_PARAMETERS,
@@ -63,6 +57,7 @@ from relay.smtp.passwords import (
     hash_password_command,
     verify_password,
 )
+from relay.smtp.state import AuthenticatedUser, authenticated_user, client_ip_of
 
 __all__ = [
     "HASH_PARAMETERS",
@@ -71,7 +66,6 @@ __all__ = [
     "AuthServer",
     "AuthenticatedUser",
     "FailedAuthLimiter",
-    "RelaySession",
     "SmtpAuthenticator",
     "authenticated_user",
     "hash_password",
@@ -94,124 +88,6 @@ CANNOT_DECODE = "501 5.5.2 Can't decode base64"
 CANNOT_SPLIT = "501 5.5.2 Can't split auth value"
 
 _UNSAFE_LOG_CHARS = re.compile(r"[^A-Za-z0-9._@+-]")
-
-
-# --- failed-AUTH limits -------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AuthLimits:
-    """How failed AUTH attempts from one client address are slowed down and then refused."""
-
-    max_failures: int = 5
-    window: float = 600.0  # seconds
-    first_delay: float = 1.0  # seconds before the first 535; doubles with each failure
-    max_delay: float = 16.0
-    max_tracked: int = 10_000  # client addresses remembered at once
-
-
-class FailedAuthLimiter:
-    """Failed AUTH attempts per client address in a sliding window; bounded memory.
-
-    The clock is injected (seconds, monotonic) so tests control the window without sleeping.
-    """
-
-    def __init__(
-        self, limits: AuthLimits | None = None, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.limits = limits if limits is not None else AuthLimits()
-        self._clock = clock
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._failures)
-
-    def failures(self, client_ip: str) -> int:
-        """Failures from this address (or its IPv6 /64) within the window."""
-        times = self._recent(_limit_key(client_ip), self._clock())
-        return len(times) if times is not None else 0
-
-    def blocked(self, client_ip: str) -> bool:
-        return self.failures(client_ip) >= self.limits.max_failures
-
-    def record_failure(self, client_ip: str) -> int:
-        """Count one failure now; return the failures within the window, this one included."""
-        now = self._clock()
-        key = _limit_key(client_ip)
-        times = self._recent(key, now)
-        if times is None:
-            times = deque(maxlen=self.limits.max_failures)
-            self._failures[key] = times
-        times.append(now)
-        self._failures.move_to_end(key)
-        while len(self._failures) > self.limits.max_tracked:
-            self._failures.popitem(last=False)
-        return len(times)
-
-    def delay(self, failures: int) -> float:
-        """Seconds to wait before answering failure number `failures`."""
-        if failures < 1:
-            return 0.0
-        return min(self.limits.first_delay * 2.0 ** (failures - 1), self.limits.max_delay)
-
-    def _recent(self, key: str, now: float) -> deque[float] | None:
-        times = self._failures.get(key)
-        if times is None:
-            return None
-        while times and now - times[0] >= self.limits.window:
-            times.popleft()
-        if not times:
-            del self._failures[key]
-            return None
-        return times
-
-
-def _limit_key(client_ip: str) -> str:
-    try:
-        ip = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return client_ip
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
-
-
-# --- the SMTP side ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AuthenticatedUser:
-    """What a successful AUTH leaves in `session.auth_data`: never the password."""
-
-    username: str
-    client: str
-
-
-def authenticated_user(session: Session) -> str | None:
-    """The username this session authenticated as, or None."""
-    data = session.auth_data
-    if session.authenticated and isinstance(data, AuthenticatedUser):
-        return data.username
-    return None
-
-
-class RelaySession(Session):
-    """aiosmtpd's Session without a WARNING per login.
-
-    aiosmtpd 1.4.6's own `smtp_AUTH` assigns the deprecated `Session.login_data` after every
-    successful AUTH, and that property logs "login_data is deprecated" at WARNING each time.
-    The relay reads `auth_data` instead, so the value is kept quietly.
-    """
-
-    @property
-    def login_data(self) -> Any:
-        return self._login_data
-
-    @login_data.setter
-    def login_data(self, value: Any) -> None:
-        self._login_data = value
 
 
 class AuthServer(Protocol):
@@ -315,7 +191,7 @@ class SmtpAuthenticator:
         if transport is None or transport.get_extra_info("ssl_object") is None:
             await server.push(NOT_ENCRYPTED)
             return False
-        ip = _peer_ip(server.session)
+        ip = client_ip_of(server.session)
         if self.limiter.blocked(ip):
             failures = self.limiter.record_failure(ip)
             _log_failure("-", ip, "too many failed authentications", failures)
@@ -327,7 +203,7 @@ class SmtpAuthenticator:
     async def _check(
         self, server: AuthServer, authcid: bytes, password: bytes, authzid: bytes = b""
     ) -> AuthResult:
-        ip = _peer_ip(server.session)
+        ip = client_ip_of(server.session)
         dummy = await self._dummy()
         client = self._client_named(authcid)
         stored = client.password_hash if client is not None else None
@@ -421,13 +297,6 @@ def _log_failure(user: str, ip: str, reason: str, failures: int) -> None:
             "failures": failures,
         },
     )
-
-
-def _peer_ip(session: Session | None) -> str:
-    peer = session.peer if session is not None else None
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return str(peer or "")
 
 
 def _b64decode(text: str) -> bytes | None:

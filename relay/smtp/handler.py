@@ -11,14 +11,18 @@ Reply discipline (DESIGN §5, §8):
   `451 4.3.0` with a generic text, never aiosmtpd's default `500 Error: (Exception) details`;
 - once shutdown has begun, a new transaction is answered `421 4.3.2`.
 
-SMTP AUTH (PLAIN, LOGIN; DESIGN §8) is `relay.auth`'s: the handler's `auth_*` hooks replace
-aiosmtpd's built-in mechanisms and delegate to it, and an authenticated session is identified
-by its username (`policy.identify_client`).
+SMTP AUTH (PLAIN, LOGIN; DESIGN §8) is `relay.smtp.auth`'s: the handler's `auth_*` hooks
+replace aiosmtpd's built-in mechanisms and delegate to it, and an authenticated session is
+identified by its username (`policy.identify_client`).
+
+The client is identified once per session (`identify`, kept as `relay.smtp.state.Identity`
+on the session) and again only after a successful AUTH or a reload that replaced the client
+list; MAIL, RCPT and DATA read the kept decision.
 
 Envelope addresses with control characters or invalid UTF-8 are refused here, before any policy
 or header sees them (DESIGN §8). The other protocol defences concern the session, not policy,
-and live in `relay.smtp_protocol` (`RelaySMTP`, which calls these hooks); connection counting
-is `relay.connections`'.
+and live in `relay.smtp.session` (`RelaySMTP`, which calls these hooks); connection counting
+is `relay.smtp.connections`'.
 """
 
 from __future__ import annotations
@@ -63,8 +67,9 @@ from relay.core.replies import (
 )
 from relay.core.values import Submission
 from relay.ops.metrics import NULL_METRICS, MetricsSink
-from relay.smtp.auth import SmtpAuthenticator, authenticated_user, without_empty_auth
-from relay.smtp.session import RelaySMTP, client_ip_of
+from relay.smtp.auth import SmtpAuthenticator, without_empty_auth
+from relay.smtp.session import RelaySMTP
+from relay.smtp.state import Identity, RelaySession, authenticated_user, client_ip_of
 from relay.store.queue_ids import new_queue_id
 
 __all__ = [
@@ -120,8 +125,10 @@ class RelayHandler:
         new_queue_id: Callable[[], str] = new_queue_id,
         metrics: MetricsSink = NULL_METRICS,
         authenticator: SmtpAuthenticator | None = None,
+        identify: Callable[..., ClientConfig] = identify_client,
     ) -> None:
         self._config = config
+        self._identify = identify  # policy.identify_client; tests count its calls
         self._submitter = submitter
         self._auth = (
             authenticator
@@ -243,10 +250,32 @@ class RelayHandler:
             extra={"event": "refused", "client_ip": client_ip_of(session), "reply": str(reply)},
         )
 
+    def identify(self, client_ip: str, user: str | None = None) -> Identity:
+        """Decide which client `client_ip` (authenticated as `user`) is, against the current
+        client list; a refusal is part of the decision, not an exception."""
+        clients = self._config().clients
+        try:
+            return Identity(clients, user, client=self._identify(clients, client_ip, user))
+        except PolicyError as refused:
+            return Identity(clients, user, refusal=refused.reply)
+
     def _client(self, session: Session) -> ClientConfig:
-        return identify_client(
-            self._config().clients, client_ip_of(session), authenticated_user(session)
-        )
+        """The session's client, as decided once (see the module docstring)."""
+        user = authenticated_user(session)
+        kept = session.identity if isinstance(session, RelaySession) else None
+        identity = kept
+        if identity is None or not identity.holds_for(self._config().clients, user):
+            identity = self.identify(client_ip_of(session), user)
+            if isinstance(session, RelaySession):
+                session.identity = identity
+        if identity.refusal is not None:
+            if isinstance(session, RelaySession):
+                session.relay_refused = True
+            raise PolicyError(identity.refusal)
+        assert identity.client is not None
+        if isinstance(session, RelaySession):
+            session.relay_refused = False
+        return identity.client
 
     async def _mail(
         self, session: Session, envelope: Envelope, address: str, options: Sequence[str]

@@ -6,16 +6,28 @@ this module decides what one connection may do at all, which concerns the sessio
 
 Protocol defences (DESIGN §8):
 
-- DATA is read here, not by aiosmtpd, so that `relay.mime.limits` sees every line as it came off
-  the wire (SMTP smuggling, size, header block size, MIME depth) and a deadline can bound the
-  whole DATA phase (`421 4.4.2`); the idle timer is refreshed while DATA lines keep coming;
+- DATA is read by `relay.smtp.data.DataPhase` (which `RelaySMTP` extends), not by aiosmtpd,
+  so that `relay.core.message.limits` sees every line as it came off the wire (SMTP
+  smuggling, size, header block size, MIME depth) and a deadline can bound the whole DATA
+  phase (`421 4.4.2`); the idle timer is refreshed while DATA lines keep coming. What DATA
+  holds in memory is reserved from the shared `relay.smtp.memory` budget as it arrives;
+  without room the session stops reading (the deadline pauses meanwhile), and a message that
+  cannot get room is read to its end without being kept and answered `452 4.3.1`;
 - at most `max_commands` commands per connection (`421 4.7.0`, then closed);
 - a SIZE= parameter over the limit is answered `552 5.3.4` (aiosmtpd's own reply has no
   enhanced code);
 - with the PROXY protocol, only `proxy_networks` may connect, and the client address from their
   header replaces the balancer's in the session (policy, `Received:`, logs);
-- connection limits (total and per client address, `relay.connections`) answer `421 4.7.0`
-  and close.
+- connection limits (total and per client address, `relay.smtp.connections`) answer
+  `421 4.7.0` and close;
+- on a listener without AUTH, an address that is no client's is answered `554 5.7.1` at the
+  greeting and closed, counted against the outsiders' own small budget (issue #11 item 4);
+- after a 550 5.7.1 for relay access the session may send one more command (AUTH, STARTTLS
+  and QUIT aside, and the EHLO that follows STARTTLS); the third refused command is answered
+  `421 4.7.0` and the connection closed, so NOOP cannot keep a refused client's slot.
+
+The client decision itself is the handler's (`SessionHooks.identify`); this module only asks
+for it when the connection is admitted and keeps it on the session (`relay.smtp.state`).
 
 Everything runs on the relay's single event loop: listeners are created with
 `loop.create_server(lambda: RelaySMTP(...))` (see `service.py`), not aiosmtpd's threaded
@@ -28,82 +40,47 @@ import asyncio
 import functools
 import ipaddress
 import logging
-import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from aiosmtpd.proxy_protocol import AF, PROTO, V2_CMD
-from aiosmtpd.smtp import SMTP, Session, syntax
+from aiosmtpd.smtp import Session, syntax
 
-from relay.config.schema import SmtpConfig
 from relay.core.errors import SmtpReply
-from relay.core.message.limits import (
-    MESSAGE_TOO_BIG,
-    ContentLimits,
-    ContentRefusedError,
-    DataDecoder,
-)
+from relay.core.message.limits import MESSAGE_TOO_BIG
 from relay.core.replies import (
-    DATA_SYNTAX,
-    DATA_TIMEOUT,
-    NEED_RCPT,
     TOO_MANY_COMMANDS,
     TOO_MANY_CONNECTIONS,
 )
-from relay.smtp.auth import RelaySession
 from relay.smtp.connections import ConnectionLimiter
-from relay.smtp.proxy import (
-    ProxyFamily,
-    ProxyHeader,
-    ProxyHeaderError,
-    client_endpoint,
-    is_trusted_proxy,
-)
+from relay.smtp.data import DataPhase, SessionLimits, declared_size
+from relay.smtp.memory import DataMemoryBudget
+from relay.smtp.proxy import ProxyHeaderError, client_endpoint, is_trusted_proxy
+from relay.smtp.proxy_header import proxy_header
+from relay.smtp.state import Identity, RelaySession, SessionHooks, client_ip_of
 
-if TYPE_CHECKING:  # relay.smtp imports this module for `RelaySMTP`
-    from relay.smtp.handler import RelayHandler
-
-__all__ = ["RelaySMTP", "SessionLimits", "client_ip_of", "server_tls_context"]
+__all__ = [
+    "NOT_A_CLIENT",
+    "TOO_MANY_REFUSED",
+    "RelaySMTP",
+    "SessionLimits",
+    "server_tls_context",
+]
 
 # Logged as "relay.smtp", the name these events had before this module was split from it, so
 # log lines and any filter on the logger name stay the same.
 log = logging.getLogger("relay.smtp")
 
 PROXY_HEADER_TIMEOUT = 10.0  # seconds a load balancer has to send its PROXY header
-_SIZE_PARAMETER = re.compile(r"(?i)(?:^|\s)SIZE=(\d{1,20})(?=\s|$)")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-
-def client_ip_of(session: Session) -> str:
-    """The client's IP address (behind a PROXY balancer, the real client's, not the balancer's)."""
-    peer = session.peer
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return str(peer or "")
-
-
-@dataclass(frozen=True, slots=True)
-class SessionLimits:
-    """What one SMTP connection may do (DESIGN §8); built from `smtp:` by `from_config`."""
-
-    content: ContentLimits = field(default_factory=ContentLimits)
-    max_commands: int = 1000
-    data_timeout: float = 600.0
-
-    @classmethod
-    def from_config(cls, smtp: SmtpConfig) -> SessionLimits:
-        return cls(
-            content=ContentLimits(
-                max_header_bytes=smtp.max_header_size,
-                max_mime_depth=smtp.max_mime_depth,
-                bare_line_endings=smtp.bare_line_endings,
-            ),
-            max_commands=smtp.max_commands,
-            data_timeout=smtp.data_timeout,
-        )
+NOT_A_CLIENT = SmtpReply(554, "5.7.1", "Relay access denied: not an allowed client")
+TOO_MANY_REFUSED = SmtpReply(421, "4.7.0", "Too many refused commands, closing connection")
+# Commands a refused session may still use to become a client, or to leave.
+_CURE_VERBS = frozenset({"AUTH", "STARTTLS", "QUIT"})
+_REFUSED_COMMANDS_ALLOWED = 1  # after the 550; the next one closes (the third refused)
+_DEFAULT_DATA_MEMORY = 512 * 1024 * 1024
 
 
 def _transport_ip(transport: asyncio.BaseTransport) -> str:
@@ -111,56 +88,31 @@ def _transport_ip(transport: asyncio.BaseTransport) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 
-def _declared_size(arg: str | None) -> int | None:
-    """The RFC 1870 SIZE= value of a MAIL FROM argument, if there is one."""
-    match = _SIZE_PARAMETER.search(arg or "")
-    return int(match.group(1)) if match else None
-
-
 def _set_peer(session: Session, endpoint: tuple[str, int]) -> None:
     # aiosmtpd annotates `peer` as str but stores the transport's peername tuple there.
     session.peer = endpoint  # type: ignore[assignment]
 
 
-_FAMILIES: dict[int, ProxyFamily] = {
-    AF.INET: "inet",
-    AF.INET6: "inet6",
-    AF.UNIX: "unix",
-    AF.UNSPEC: "unspec",
-}
-
-
-def _proxy_header(data: Any) -> ProxyHeader:
-    """aiosmtpd's ProxyData -> our ProxyHeader (v1 `UNKNOWN` and v2 `LOCAL` are not relayed)."""
-    relayed = data.command == V2_CMD.PROXY if data.version == 2 else data.family != AF.UNSPEC
-    source = data.src_addr
-    return ProxyHeader(
-        version=int(data.version),
-        relayed=bool(relayed),
-        family=_FAMILIES.get(data.family, "unspec"),
-        stream=data.protocol == PROTO.STREAM,
-        source=str(source)
-        if isinstance(source, ipaddress.IPv4Address | ipaddress.IPv6Address)
-        else None,
-        source_port=data.src_port if isinstance(data.src_port, int) else None,
-    )
-
-
-class RelaySMTP(SMTP):
+class RelaySMTP(DataPhase):
     """aiosmtpd's SMTP protocol with the relay's session limits and defences (module docstring).
 
     Relies on these aiosmtpd 1.4 internals, each covered by tests/integration/test_attacks.py:
     `_smtp_methods` (command dispatch, wrapped to count commands), `_reader`, `_reset_timeout`,
     `_handler_coroutine` and `_original_transport`.
+
+    `outsiders_may_connect` is True on AUTH listeners (auth: optional or required), where an
+    address that is no client's may still log in; elsewhere such an address is refused at once.
     """
 
     def __init__(
         self,
-        handler: RelayHandler,
+        handler: SessionHooks,
         *,
         limiter: ConnectionLimiter,
         limits: SessionLimits | None = None,
         proxy_networks: Sequence[Network] | None = None,
+        memory: DataMemoryBudget | None = None,
+        outsiders_may_connect: bool = False,
         **kwargs: Any,
     ) -> None:
         if proxy_networks is not None:
@@ -168,21 +120,28 @@ class RelaySMTP(SMTP):
         super().__init__(handler, **kwargs)
         if self._decode_data:
             raise ValueError("RelaySMTP reads DATA as bytes; decode_data must be False")
-        self._relay_handler = handler
+        self._hooks = handler
         self._limiter = limiter
         self._limits = limits or SessionLimits()
+        self._memory = memory if memory is not None else DataMemoryBudget(_DEFAULT_DATA_MEMORY)
+        self._outsiders_may_connect = outsiders_may_connect
         self._proxy_networks = tuple(proxy_networks) if proxy_networks is not None else None
         self._connected = False
         self._limited_ip: str | None = None
+        self._outsider = False
         self._refused = False
+        self._identity: Identity | None = None
         self._client_peer: tuple[str, int] | None = None
         self._proxy_data: Any = None
         self._commands_left = self._limits.max_commands
+        self._refused_commands = 0
+        self._after_starttls = False
         # How often DATA lines refresh the idle timer: often enough to never let it fire
         # while lines keep coming, rarely enough to cost nothing per line.
         self._refresh_every = min(1.0, self._timeout_duration / 4)
+        self._refreshed = 0.0
         self._smtp_methods = {
-            verb: self._counted(method) for verb, method in self._smtp_methods.items()
+            verb: self._counted(verb, method) for verb, method in self._smtp_methods.items()
         }
 
     # --- connection ---------------------------------------------------------------------------
@@ -191,14 +150,16 @@ class RelaySMTP(SMTP):
         if transport.get_extra_info("ssl_object") is not None:
             # Encrypted from the first byte (implicit TLS). aiosmtpd 1.4 only counts STARTTLS
             # (aio-libs/aiosmtpd#281): it would neither advertise nor accept AUTH here (538).
-            # Internal `_auth_require_tls`; relay.auth's mechanisms check TLS themselves, and
-            # tests/integration/test_smtp_auth.py covers AUTH over implicit TLS.
+            # Internal `_auth_require_tls`; relay.smtp.auth's mechanisms check TLS themselves,
+            # and tests/integration/test_smtp_auth.py covers AUTH over implicit TLS.
             self._auth_require_tls = False
         if self._connected:  # after STARTTLS: the same client, now on the TLS transport
             super().connection_made(transport)
+            self._after_starttls = True
             if self._client_peer is not None and self.session is not None:
                 _set_peer(self.session, self._client_peer)
                 self.session.proxy_data = self._proxy_data
+            self._keep_identity()
             return
         self._connected = True
         ip = _transport_ip(transport)
@@ -207,6 +168,9 @@ class RelaySMTP(SMTP):
             if not is_trusted_proxy(ip, self._proxy_networks):
                 self._refuse(transport, ip, None, "not one of smtp.proxy_networks")
                 return
+        elif not self._admit(ip):
+            self._refuse_outsider(transport, ip)
+            return
         elif not self._limiter.try_acquire(ip):
             self._refuse(transport, ip, TOO_MANY_CONNECTIONS, "connection limit reached")
             return
@@ -214,6 +178,22 @@ class RelaySMTP(SMTP):
             self._limited_ip = ip
         self._limiter.track(self)
         super().connection_made(transport)
+        self._keep_identity()
+
+    def _admit(self, ip: str) -> bool:
+        """Identify the client once, at connect; False for an outsider that must go now."""
+        self._identity = self._hooks.identify(ip)
+        return self._identity.client is not None or self._outsiders_may_connect
+
+    def _keep_identity(self) -> None:
+        if isinstance(self.session, RelaySession) and self._identity is not None:
+            self.session.identity = self._identity
+
+    def _refuse_outsider(self, transport: asyncio.BaseTransport, ip: str) -> None:
+        """`554 5.7.1` at the greeting (RFC 5321 §3.1), within the outsiders' budget."""
+        counted = self._limiter.try_acquire_outsider()
+        self._outsider = counted
+        self._refuse(transport, ip, NOT_A_CLIENT if counted else None, "not an allowed client")
 
     def _refuse(
         self, transport: asyncio.BaseTransport, ip: str, reply: SmtpReply | None, why: str
@@ -235,7 +215,7 @@ class RelaySMTP(SMTP):
         balancer = client_ip_of(self.session)
         peer = self.session.peer if isinstance(self.session.peer, tuple) else (balancer, 0)
         try:
-            client = client_endpoint(_proxy_header(proxy_data), (str(peer[0]), int(peer[1])))
+            client = client_endpoint(proxy_header(proxy_data), (str(peer[0]), int(peer[1])))
         except ProxyHeaderError as refused:
             log.warning(
                 "PROXY header from %s refused: %s",
@@ -243,6 +223,17 @@ class RelaySMTP(SMTP):
                 refused,
                 extra={"event": "proxy_refused", "proxy_ip": balancer},
             )
+            return False
+        if not self._admit(client[0]):
+            self._outsider = self._limiter.try_acquire_outsider()
+            log.warning(
+                "refusing %s (via %s): not an allowed client",
+                client[0],
+                balancer,
+                extra={"event": "connection_refused", "client_ip": client[0]},
+            )
+            if self._outsider:
+                await self.push(str(NOT_A_CLIENT))
             return False
         if not self._limiter.try_acquire(client[0]):
             log.warning(
@@ -257,6 +248,7 @@ class RelaySMTP(SMTP):
         self._client_peer = client
         self._proxy_data = proxy_data
         _set_peer(self.session, client)
+        self._keep_identity()
         log.info(
             "client %s connected through %s",
             client[0],
@@ -266,6 +258,9 @@ class RelaySMTP(SMTP):
         return True
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._outsider:
+            self._outsider = False
+            self._limiter.release_outsider()
         if self._refused:
             return
         if self._limited_ip is not None:
@@ -283,34 +278,43 @@ class RelaySMTP(SMTP):
         result: bool | None = super().eof_received()
         return result
 
-    def _close_now(self, reply: SmtpReply) -> None:
-        """Send `reply`, close the connection and stop reading what else the client sent."""
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.write(f"{reply}\r\n".encode())
-            transport.close()
-        if self._handler_coroutine is not None:
-            self._handler_coroutine.cancel()
-
     # --- commands -----------------------------------------------------------------------------
 
-    def _counted(self, method: Callable[[str | None], Awaitable[None]]) -> Any:
+    def _counted(self, verb: str, method: Callable[[str | None], Awaitable[None]]) -> Any:
         @functools.wraps(method)  # keeps the HELP texts aiosmtpd attaches to smtp_* methods
         async def counted(arg: str | None) -> None:
             if self._commands_left <= 0:
-                if self.session is not None:
-                    self._relay_handler.record_refusal(self.session, TOO_MANY_COMMANDS)
-                self._close_now(TOO_MANY_COMMANDS)
+                self._close_refused(TOO_MANY_COMMANDS)
                 return
             self._commands_left -= 1
+            if self._one_refused_command_too_many(verb):
+                self._close_refused(TOO_MANY_REFUSED)
+                return
             await method(arg)
 
         return counted
 
+    def _one_refused_command_too_many(self, verb: str) -> bool:
+        """Count the commands of a session refused relay access (module docstring)."""
+        after_starttls, self._after_starttls = self._after_starttls, False
+        session = self.session
+        if not isinstance(session, RelaySession) or not session.relay_refused:
+            return False
+        if session.authenticated or verb in _CURE_VERBS:
+            return False
+        if after_starttls and verb in ("EHLO", "HELO"):  # RFC 3207 §4.2: EHLO again after TLS
+            return False
+        self._refused_commands += 1
+        return self._refused_commands > _REFUSED_COMMANDS_ALLOWED
+
+    def _close_refused(self, reply: SmtpReply) -> None:
+        if self.session is not None:
+            self._hooks.record_refusal(self.session, reply)
+        self._close_now(reply)
+
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd command name
-        declared = _declared_size(arg)
+        declared = declared_size(arg)
         if declared is not None and self.data_size_limit and declared > self.data_size_limit:
             # aiosmtpd refuses this itself, before the MAIL hook and without an enhanced code.
             if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
@@ -318,73 +322,6 @@ class RelaySMTP(SMTP):
             await self.push(str(MESSAGE_TOO_BIG))
             return
         await super().smtp_MAIL(arg)
-
-    @syntax("DATA")
-    async def smtp_DATA(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd command name
-        """RFC 5321 §4.1.1.4 DATA, read through `relay.mime.limits.DataDecoder`."""
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
-            return
-        assert self.session is not None
-        assert self.envelope is not None
-        if not self.envelope.rcpt_tos:
-            await self.push(str(NEED_RCPT))
-            return
-        if arg:
-            await self.push(str(DATA_SYNTAX))
-            return
-        with self._relay_handler.receiving_data():  # a shutdown lets this message finish
-            await self._receive_data()
-
-    async def _receive_data(self) -> None:
-        assert self.session is not None
-        assert self.envelope is not None
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        decoder = DataDecoder(replace(self._limits.content, max_size=self.data_size_limit or None))
-        deadline = self.loop.call_later(self._limits.data_timeout, self._data_deadline_passed)
-        try:
-            complete = await self._read_data(decoder)
-        finally:
-            deadline.cancel()
-        if not complete:
-            return
-        try:
-            # No local reference: the handler drops the raw bytes once it has prepared them.
-            self.envelope.content = self.envelope.original_content = decoder.content()
-        except ContentRefusedError as refused:
-            self.envelope = self._create_envelope()
-            self._relay_handler.record_refusal(self.session, refused.reply)
-            await self.push(str(refused.reply))
-            return
-        status = await self._relay_handler.handle_DATA(self, self.session, self.envelope)
-        self.envelope = self._create_envelope()
-        await self.push(status)
-
-    async def _read_data(self, decoder: DataDecoder) -> bool:
-        """Feed the stream to `decoder` up to the end of DATA; False if the client went away."""
-        reader: asyncio.StreamReader = self._reader
-        refreshed = self.loop.time()
-        while True:
-            try:
-                piece = await reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as overrun:
-                # A line longer than the reader's buffer limit: take it in pieces (DESIGN §7
-                # tolerates long lines; the size limit still bounds them).
-                piece = await reader.read(overrun.consumed)
-            except asyncio.IncompleteReadError:
-                if self.transport is not None:
-                    self.transport.close()
-                return False
-            if decoder.feed(piece):
-                return True
-            now = self.loop.time()
-            if now - refreshed >= self._refresh_every:  # idle counts from the last DATA line
-                self._reset_timeout()
-                refreshed = now
-
-    def _data_deadline_passed(self) -> None:
-        if self.session is not None:
-            self._relay_handler.record_refusal(self.session, DATA_TIMEOUT)
-        self._close_now(DATA_TIMEOUT)
 
 
 def server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:

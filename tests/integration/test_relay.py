@@ -83,12 +83,13 @@ async def test_implicit_tls_listener_delivers(
     assert len(sandbox.received) == 1
 
 
-async def test_unknown_client_address_is_refused_at_mail(
+async def test_unknown_client_address_is_refused_at_the_greeting(
     relay: RelayService, sandbox: Sandbox
 ) -> None:
-    """A connection from an address no client lists gets 550 5.7.1: not an open relay."""
+    """A connection from an address no client lists (on a listener without AUTH) gets
+    554 5.7.1 instead of a greeting: not an open relay."""
     outcome = await asmtp_send(port_of(relay), message(), source="127.0.0.2")
-    assert outcome.code == 550
+    assert outcome.code == 554
     assert outcome.text.startswith("5.7.1 Relay access denied")
     assert sandbox.graph_requests == 0
 

@@ -44,7 +44,7 @@ async def test_reload_admits_a_new_client_for_the_next_transaction(
     """A client added by reload may send at once; nothing had to reconnect or restart."""
     relay = await start_relay()
     port = relay.listeners[0].port
-    assert (await asmtp_send(port, message(), source="127.0.0.2")).code == 550
+    assert (await asmtp_send(port, message(), source="127.0.0.2")).code == 554
     notes = relay.reload(build_config(relay_config_text(sandbox, clients=TWO_CLIENTS), tmp_path))
     assert notes == []
     assert (await asmtp_send(port, message(), source="127.0.0.2")).code == 250

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import logging
 import smtplib
 import ssl
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -20,10 +22,17 @@ from typing import TypeVar
 import pytest
 from argon2 import PasswordHasher
 
-from relay.config.schema import ClientConfig
+from relay.config.schema import ClientConfig, Config
+from relay.core.errors import SmtpReply
+from relay.core.policy import identify_client
+from relay.core.values import Submission
+from relay.ops.logs import setup_logging
 from relay.sandbox import Sandbox
 from relay.service import RelayService
 from relay.smtp.auth import hash_password, verify_password
+from relay.smtp.connections import ConnectionLimiter
+from relay.smtp.handler import RelayHandler
+from relay.smtp.session import RelaySMTP, server_tls_context
 from tests.conftest import MAILBOX, TlsFiles, build_config, message, relay_config_text
 from tests.e2e.test_real_clients import run, swaks
 
@@ -46,6 +55,9 @@ CLIENTS = textwrap.dedent(
     - name: printers
       networks: [10.0.5.0/24]
       senders: ["scanner@contoso.com"]
+    - name: monitor
+      networks: [127.0.0.9/32]
+      senders: ["monitor@contoso.com"]
     - name: erp
       username: erp
       password_hash: "{HASH}"
@@ -94,13 +106,16 @@ async def auth_relay(
         await service.stop()
 
 
-def connect(relay: AuthRelay, listener: int, *, starttls: bool = True) -> smtplib.SMTP:
+def connect(
+    relay: AuthRelay, listener: int, *, starttls: bool = True, source: str = "127.0.0.1"
+) -> smtplib.SMTP:
     """An smtplib client after EHLO (and STARTTLS + EHLO again, unless told not to)."""
     client: smtplib.SMTP
+    where = ("127.0.0.1", relay.port(listener))
     if listener == IMPLICIT:
-        client = smtplib.SMTP_SSL("127.0.0.1", relay.port(listener), context=relay.tls, timeout=30)
+        client = smtplib.SMTP_SSL(*where, context=relay.tls, timeout=30, source_address=(source, 0))
     else:
-        client = smtplib.SMTP("127.0.0.1", relay.port(listener), timeout=30)
+        client = smtplib.SMTP(*where, timeout=30, source_address=(source, 0))
     client.ehlo("device.test")
     if starttls and listener != IMPLICIT:
         client.starttls(context=relay.tls)
@@ -263,8 +278,11 @@ async def test_credentials_and_networks_must_both_match(
 
 
 async def test_no_auth_listener_offers_no_auth_even_after_starttls(auth_relay: AuthRelay) -> None:
+    """A network client (127.0.0.9) on an `auth: none` listener sees no AUTH line, before or
+    after STARTTLS, and AUTH is an unknown mechanism there."""
+
     def scenario() -> tuple[bool, bytes, tuple[int, str]]:
-        with connect(auth_relay, NO_AUTH) as client:
+        with connect(auth_relay, NO_AUTH, source="127.0.0.9") as client:
             _, ehlo = client.ehlo("device.test")
             return client.has_extn("auth"), ehlo, auth_plain(client, "erp", PASSWORD)
 
@@ -381,3 +399,176 @@ async def test_swaks_authenticates_over_starttls(
     assert "235 2.7.0 Authentication successful" in output
     assert "250 2.0.0 Ok: delivered" in output
     assert len(await sandbox.wait_for_mail(1)) == 1
+
+
+# --- the client is decided once per session ------------------------------------------------
+
+
+class AcceptingSubmitter:
+    """The delivery engine's part as an honest fake: every prepared message is taken."""
+
+    def __init__(self) -> None:
+        self.submitted: list[Submission] = []
+
+    async def submit(self, submission: Submission) -> SmtpReply:
+        self.submitted.append(submission)
+        return SmtpReply(250, "2.0.0", f"Ok: queued {submission.queue_id}")
+
+
+@dataclass
+class CountedRelay:
+    """A real listener (STARTTLS, auth: optional) whose handler counts identify_client calls."""
+
+    port: int
+    tls: ssl.SSLContext
+    calls: list[tuple[str, str | None]]
+    config: list[Config]  # [current]; replace the element to "reload"
+
+
+@pytest.fixture
+async def counted_relay(
+    sandbox: Sandbox, tmp_path: Path, relay_tls: TlsFiles
+) -> AsyncIterator[CountedRelay]:
+    clients = CLIENTS + "- {name: local, networks: [127.0.0.1/32], senders: ['*@contoso.com']}\n"
+    text = relay_config_text(
+        sandbox,
+        listeners=LISTENERS,
+        smtp_extra=f"tls: {{cert_file: {relay_tls.cert_file}, key_file: {relay_tls.key_file}}}",
+        clients=clients,
+    )
+    current = [build_config(text, tmp_path)]
+    calls: list[tuple[str, str | None]] = []
+
+    def counting(
+        clients: Sequence[ClientConfig], client_ip: str, user: str | None = None
+    ) -> ClientConfig:
+        calls.append((client_ip, user))
+        return identify_client(clients, client_ip, user)
+
+    handler = RelayHandler(
+        config=lambda: current[0], submitter=AcceptingSubmitter(), identify=counting
+    )
+    tls = server_tls_context(str(relay_tls.cert_file), str(relay_tls.key_file))
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: RelaySMTP(
+            handler,
+            limiter=ConnectionLimiter(total=10, per_client=10),
+            outsiders_may_connect=True,
+            tls_context=tls,
+            hostname="relay.test",
+            decode_data=False,
+            auth_require_tls=True,
+            loop=loop,
+        ),
+        "127.0.0.1",
+        0,
+    )
+    try:
+        port = int(server.sockets[0].getsockname()[1])
+        yield CountedRelay(port, relay_tls.client_context(), calls, current)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def transaction(client: smtplib.SMTP, recipients: int = 3) -> int:
+    assert client.mail(MAILBOX)[0] == 250
+    for n in range(recipients):
+        assert client.rcpt(f"r{n}@partner.example")[0] == 250
+    return client.data(message())[0]
+
+
+async def test_a_network_client_is_identified_once_for_the_whole_session(
+    counted_relay: CountedRelay,
+) -> None:
+    """Two transactions (MAIL, 3 x RCPT, DATA each) cost one identification, at connect."""
+
+    def scenario() -> list[int]:
+        with smtplib.SMTP("127.0.0.1", counted_relay.port, timeout=30) as client:
+            client.ehlo("device.test")
+            return [transaction(client), transaction(client)]
+
+    assert await off_loop(scenario) == [250, 250]
+    assert counted_relay.calls == [("127.0.0.1", None)]
+
+
+async def test_a_successful_auth_identifies_the_session_again_once(
+    counted_relay: CountedRelay,
+) -> None:
+    """Connect (as 127.0.0.1), STARTTLS, AUTH as erp: the next MAIL re-identifies as the
+    user, and nothing else does."""
+
+    def scenario() -> int:
+        with smtplib.SMTP("127.0.0.1", counted_relay.port, timeout=30) as client:
+            client.ehlo("device.test")
+            client.starttls(context=counted_relay.tls)
+            client.ehlo("device.test")
+            assert auth_plain(client, "erp", PASSWORD)[0] == 235
+            return transaction(client)
+
+    assert await off_loop(scenario) == 250
+    assert counted_relay.calls == [("127.0.0.1", None), ("127.0.0.1", "erp")]
+
+
+async def test_a_reload_that_replaces_the_client_list_identifies_again(
+    counted_relay: CountedRelay, tmp_path: Path, sandbox: Sandbox, relay_tls: TlsFiles
+) -> None:
+    """After a reload (a new Config, so a new client list) the open session's next command
+    is judged against the new list: here the client was removed, so MAIL gets 550."""
+    first_done, swapped = threading.Event(), threading.Event()
+
+    def scenario() -> tuple[int, int]:
+        with smtplib.SMTP("127.0.0.1", counted_relay.port, timeout=30) as client:
+            client.ehlo("device.test")
+            first = transaction(client, recipients=1)
+            first_done.set()
+            swapped.wait(30)
+            return first, client.mail(MAILBOX)[0]
+
+    sending = asyncio.ensure_future(off_loop(scenario))
+    assert await asyncio.to_thread(first_done.wait, 30)
+    # the reloaded configuration no longer lists 127.0.0.1
+    counted_relay.config[0] = build_config(
+        relay_config_text(
+            sandbox,
+            listeners=LISTENERS,
+            smtp_extra=f"tls: {{cert_file: {relay_tls.cert_file}, key_file: {relay_tls.key_file}}}",
+            clients=CLIENTS,
+        ),
+        tmp_path,
+    )
+    swapped.set()
+    assert await sending == (250, 550)
+    assert counted_relay.calls == [("127.0.0.1", None), ("127.0.0.1", None)]
+
+
+# --- what AUTH leaves in the log -----------------------------------------------------------
+
+# What a client might type at "334 Username:" by mistake: its password, not base64.
+NOT_BASE64 = "Hunter2-Pa$$word!"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_an_auth_login_reply_that_is_not_base64_is_not_logged_at_debug(
+    auth_relay: AuthRelay, caplog: pytest.LogCaptureFixture, fmt: str
+) -> None:
+    """With `logging.level: debug` the relay's own debug logging is on, but aiosmtpd's
+    ("mail.log", which logs an undecodable AUTH reply as it came) stays at WARNING: the
+    reply, which may be a password, appears in no log output."""
+    output = io.StringIO()
+    setup_logging("debug", fmt, stream=output)
+    caplog.set_level(logging.DEBUG)
+    assert logging.getLogger("relay.smtp").isEnabledFor(logging.DEBUG)
+    assert not logging.getLogger("mail.log").isEnabledFor(logging.DEBUG)
+
+    def scenario() -> tuple[int, int]:
+        with connect(auth_relay, OPTIONAL) as client:
+            code, _ = client.docmd("AUTH", "LOGIN")
+            reply, _ = client.docmd(NOT_BASE64)
+            return code, reply
+
+    assert await off_loop(scenario) == (334, 501)
+    assert NOT_BASE64 not in output.getvalue()
+    assert NOT_BASE64 not in caplog.text
+    assert base64.b64encode(NOT_BASE64.encode()).decode() not in output.getvalue()

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from relay.config.schema import DeliveryConfig
+from relay.config.schema import DeliveryConfig, SmtpConfig
 from relay.service import RelayService
+from relay.smtp.connections import OUTSIDER_CONNECTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "smtp-graph-relay.service"
@@ -173,6 +174,36 @@ def test_the_stop_timeout_leaves_room_for_the_graceful_stop(
     """SIGTERM lets deliveries finish for `grace` seconds; systemd must not SIGKILL sooner."""
     grace = inspect.signature(RelayService.stop).parameters["grace"].default
     assert float(setting(unit, "Service", "TimeoutStopSec")) > grace
+
+
+GIB = 1024**3
+
+
+def _bytes(value: str) -> int:
+    """A systemd size (K, M, G, T suffixes are powers of 1024)."""
+    units = {"K": 1, "M": 2, "G": 3, "T": 4}
+    if value[-1:].upper() in units:
+        return int(value[:-1]) * int(1024 ** units[value[-1].upper()])
+    return int(value)
+
+
+def test_memory_max_leaves_room_above_the_data_memory_budget(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    """MemoryMax= is the hard stop above smtp.max_data_memory (issue #11 item 3): at least
+    1 GiB more than the default budget, and the comment tells the operator to raise both."""
+    memory_max = _bytes(setting(unit, "Service", "MemoryMax"))
+    assert memory_max >= int(SmtpConfig().max_data_memory) + GIB
+    assert "max_data_memory" in UNIT.read_text().split("MemoryMax=")[0].rsplit("\n\n", 1)[-1]
+
+
+def test_limit_nofile_covers_every_connection_the_relay_admits(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    """One descriptor per SMTP connection (clients and outsiders being refused), with room
+    for Graph connections and spool files."""
+    nofile = int(setting(unit, "Service", "LimitNOFILE"))
+    assert nofile >= 4 * (SmtpConfig().max_connections + OUTSIDER_CONNECTIONS)
 
 
 def test_the_unit_starts_at_boot(unit: dict[str, dict[str, list[str]]]) -> None:

@@ -29,7 +29,6 @@ from relay.smtp.auth import (
     AuthenticatedUser,
     AuthLimits,
     FailedAuthLimiter,
-    RelaySession,
     SmtpAuthenticator,
     authenticated_user,
     hash_password,
@@ -38,6 +37,7 @@ from relay.smtp.auth import (
     verify_password,
     without_empty_auth,
 )
+from relay.smtp.state import RelaySession
 
 REPO = Path(__file__).resolve().parents[2]
 # Cheap argon2id for tests; verification reads the cost from each hash, so these verify as fast.
