@@ -115,7 +115,11 @@ class Store(Protocol):
         ...
 
     async def put(self, entry: EntryMeta, message: bytes, *, claimed: bool = False) -> None:
-        """Store a new message durably (the commit point). Raises StoreUnavailableError."""
+        """Store a new message durably (the commit point). Raises StoreUnavailableError.
+
+        The store records the message's size and SHA-256, filling in an empty `size` (0) or
+        `sha256` (""); a stated one that does not match, or a queue id already stored, is a
+        caller's bug: ValueError (`relay.store.integrity.sealed`)."""
         ...
 
     async def due(
@@ -173,7 +177,8 @@ class Store(Protocol):
     # --- operator commands (the `queue` CLI), safe while relays run --------------------------
 
     async def list(self, state: State) -> Sequence[EntryMeta]:
-        """Every entry in `state`, oldest first."""
+        """Every entry in `state`, oldest first; ValueError for "corrupt" (no readable
+        metadata: `stats().corrupt` counts them, `delete`/`purge` remove them)."""
         ...
 
     async def find(self, queue_id: str) -> tuple[State, EntryMeta] | None:

@@ -1,0 +1,461 @@
+"""The contract every `Store` passes (relay/store/protocol.py): states, moves, errors, stats.
+
+A backend opts in with a subclass that provides three things:
+
+    class TestMyStore(StoreContract):
+        @pytest.fixture
+        async def store(self, ...) -> AsyncIterator[Store]: ...   # recovered, empty, closed after
+        async def restart(self, store) -> Store: ...              # kill -9 and a new process:
+                                                                  #   the records survive, not yet
+                                                                  #   recovered
+        def damage(self, store, queue_id, message) -> None: ...   # the stored bytes change behind
+                                                                  #   the store's back
+
+Every test states one rule of the protocol's docstring. Times are explicit (`NOW`), never read
+from a clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from relay.core.limits import CRASH_LIMIT
+from relay.core.values import EntryMeta, State
+from relay.store.integrity import digest
+from relay.store.protocol import EntryNotFoundError, Store, StoreStats
+
+NOW = 1_700_000_000.0
+MESSAGE = b"From: scanner@contoso.com\r\nSubject: scan\r\n\r\nbody\r\n"
+
+
+def entry(queue_id: str = "Q1", **changes: Any) -> EntryMeta:
+    """A queued entry as the SMTP layer hands it to `put` (size and digest left to the store)."""
+    base = EntryMeta(
+        queue_id=queue_id,
+        created=NOW,
+        mail_from="scanner@contoso.com",
+        recipients=("alice@contoso.com",),
+        client="printers",
+        client_ip="10.0.5.7",
+        auth_object="contoso",
+        mailbox="scanner@contoso.com",
+        route="routes[0]",
+        message_id=f"<{queue_id}@relay.example.com>",
+        size=0,
+    )
+    return replace(base, **changes)
+
+
+def counts(stats: StoreStats) -> tuple[int, int, int, int, int]:
+    return (stats.queued, stats.active, stats.dead, stats.quarantined, stats.corrupt)
+
+
+class StoreContract(ABC):
+    """Subclass with the `store` fixture, `restart` and `damage` (module docstring)."""
+
+    @abstractmethod
+    async def restart(self, store: Store) -> Store:
+        """The same records in a new, not yet recovered store (the old process died)."""
+
+    @abstractmethod
+    def damage(self, store: Store, queue_id: str, message: bytes) -> None:
+        """Replace `queue_id`'s stored bytes without telling the store."""
+
+    async def claimed(self, store: Store, queue_id: str = "Q1", **changes: Any) -> EntryMeta:
+        await store.put(entry(queue_id, **changes), MESSAGE)
+        got = await store.claim(queue_id)
+        assert got is not None
+        return got
+
+    async def in_state(self, store: Store, state: State, queue_id: str = "Q1") -> EntryMeta:
+        """An entry moved into `state` the way the relay moves it there."""
+        if state == "queue":
+            await store.put(entry(queue_id), MESSAGE)
+            found = await store.find(queue_id)
+            assert found is not None
+            return found[1]
+        got = await self.claimed(store, queue_id)
+        if state == "dead":
+            await store.bury(got, "550 5.1.1 no such user")
+        elif state == "quarantine":
+            await store.quarantine(got, "prepare crashed")
+        found = await store.find(queue_id)
+        assert found is not None
+        assert found[0] == state
+        return found[1]
+
+    # --- put ----------------------------------------------------------------------------------
+
+    async def test_put_is_visible_to_find_due_and_claim(self, store: Store) -> None:
+        await store.put(entry(), MESSAGE)
+        assert await store.find("Q1") == (
+            "queue",
+            replace(entry(), size=len(MESSAGE), sha256=digest(MESSAGE)),
+        )
+        assert [e.queue_id for e in await store.due(NOW, 10)] == ["Q1"]
+        got = await store.claim("Q1")
+        assert got is not None
+        assert got.queue_id == "Q1"
+
+    async def test_put_records_size_and_sha256_of_the_message(self, store: Store) -> None:
+        await store.put(entry(), MESSAGE)
+        got = await store.claim("Q1")
+        assert got is not None
+        assert (got.size, got.sha256) == (len(MESSAGE), digest(MESSAGE))
+
+    async def test_put_refuses_a_stated_digest_that_does_not_match(self, store: Store) -> None:
+        with pytest.raises(ValueError, match="sha256"):
+            await store.put(entry(sha256=digest(b"other")), MESSAGE)
+        assert await store.find("Q1") is None
+
+    async def test_put_refuses_a_queue_id_already_stored(self, store: Store) -> None:
+        await store.put(entry(), MESSAGE)
+        with pytest.raises(ValueError, match="already"):
+            await store.put(entry(), MESSAGE)
+
+    async def test_put_claimed_starts_active_and_cannot_be_claimed(self, store: Store) -> None:
+        await store.put(entry(), MESSAGE, claimed=True)
+        found = await store.find("Q1")
+        assert found is not None
+        assert found[0] == "active"
+        assert await store.claim("Q1") is None
+        assert await store.due(NOW, 10) == []
+
+    async def test_read_message_returns_the_bytes_put(self, store: Store) -> None:
+        await store.put(entry(), MESSAGE)
+        assert await store.read_message("Q1") == MESSAGE
+
+    async def test_read_message_of_an_absent_entry_raises_not_found(self, store: Store) -> None:
+        with pytest.raises(EntryNotFoundError):
+            await store.read_message("NOPE")
+
+    # --- integrity ----------------------------------------------------------------------------
+
+    @pytest.mark.parametrize(
+        "stored", [MESSAGE[:-7], MESSAGE.replace(b"body", b"bodY")], ids=["truncated", "flipped"]
+    )
+    async def test_a_damaged_message_is_set_aside_not_delivered(
+        self, store: Store, stored: bytes
+    ) -> None:
+        await self.claimed(store)
+        self.damage(store, "Q1", stored)
+        with pytest.raises(EntryNotFoundError, match="corrupt"):
+            await store.read_message("Q1")
+        assert await store.find("Q1") is None
+        assert counts(await store.stats(NOW)) == (0, 0, 0, 0, 1)
+        with pytest.raises(EntryNotFoundError):
+            await store.read_message("Q1")
+
+    # --- claim --------------------------------------------------------------------------------
+
+    async def test_claim_is_exclusive_between_two_concurrent_claimers(self, store: Store) -> None:
+        await store.put(entry(), MESSAGE)
+        first, second = await asyncio.gather(store.claim("Q1"), store.claim("Q1"))
+        assert [got is not None for got in (first, second)].count(True) == 1
+
+    async def test_claim_of_an_absent_entry_returns_none(self, store: Store) -> None:
+        assert await store.claim("NOPE") is None
+
+    @pytest.mark.parametrize("state", ["dead", "quarantine"])
+    async def test_claim_leaves_entries_the_operator_holds(
+        self, store: Store, state: State
+    ) -> None:
+        await self.in_state(store, state)
+        assert await store.claim("Q1") is None
+        found = await store.find("Q1")
+        assert found is not None
+        assert found[0] == state
+
+    async def test_claim_rejects_a_queue_id_unsafe_as_a_file_name(self, store: Store) -> None:
+        with pytest.raises(ValueError, match="invalid queue id"):
+            await store.claim("../etc/passwd")
+
+    # --- due / next_due -----------------------------------------------------------------------
+
+    async def test_due_lists_earliest_next_attempt_first_then_oldest(self, store: Store) -> None:
+        await store.put(entry("LATE", next_attempt=NOW - 1), MESSAGE)
+        await store.put(entry("NEWER", created=NOW + 5), MESSAGE)
+        await store.put(entry("OLDER", created=NOW - 5), MESSAGE)
+        await store.put(entry("FUTURE", next_attempt=NOW + 60), MESSAGE)
+        assert [e.queue_id for e in await store.due(NOW, 10)] == ["OLDER", "NEWER", "LATE"]
+
+    async def test_due_stops_at_limit(self, store: Store) -> None:
+        for n in range(5):
+            await store.put(entry(f"Q{n}", created=NOW + n), MESSAGE)
+        assert [e.queue_id for e in await store.due(NOW, 2)] == ["Q0", "Q1"]
+
+    async def test_due_leaves_out_excluded_mailboxes_casefolded(self, store: Store) -> None:
+        await store.put(entry("BUSY", mailbox="Scanner@Contoso.com"), MESSAGE)
+        await store.put(entry("OTHER", created=NOW + 1, mailbox="desk@contoso.com"), MESSAGE)
+        await store.put(entry("SAME", created=NOW + 2, auth_object="fabrikam"), MESSAGE)
+        due = await store.due(NOW, 10, exclude={("contoso", "scanner@contoso.com")})
+        assert [e.queue_id for e in due] == ["OTHER", "SAME"]
+
+    async def test_due_limit_counts_only_entries_not_excluded(self, store: Store) -> None:
+        await store.put(entry("BUSY1"), MESSAGE)
+        await store.put(entry("BUSY2", created=NOW + 1), MESSAGE)
+        await store.put(entry("FREE", created=NOW + 2, mailbox="desk@contoso.com"), MESSAGE)
+        due = await store.due(NOW, 1, exclude={("contoso", "scanner@contoso.com")})
+        assert [e.queue_id for e in due] == ["FREE"]
+
+    async def test_next_due_is_the_earliest_queued_next_attempt(self, store: Store) -> None:
+        assert await store.next_due() is None
+        await store.put(entry("A", next_attempt=NOW + 60), MESSAGE)
+        await store.put(entry("B", next_attempt=NOW + 30), MESSAGE)
+        assert await store.next_due() == NOW + 30
+        await store.claim("B")
+        assert await store.next_due() == NOW + 60
+
+    # --- the relay's moves --------------------------------------------------------------------
+
+    async def test_complete_removes_the_entry(self, store: Store) -> None:
+        await self.claimed(store)
+        await store.complete("Q1")
+        assert await store.find("Q1") is None
+        with pytest.raises(EntryNotFoundError):
+            await store.read_message("Q1")
+
+    async def test_defer_requeues_with_the_new_attempt_fields(self, store: Store) -> None:
+        got = await self.claimed(store)
+        later = replace(got, attempts=1, next_attempt=NOW + 60, last_error="451 busy")
+        await store.defer(later)
+        assert await store.find("Q1") == ("queue", later)
+        assert await store.due(NOW, 10) == []
+        assert [e.queue_id for e in await store.due(NOW + 60, 10)] == ["Q1"]
+        assert await store.next_due() == NOW + 60
+
+    async def test_defer_keeps_the_stored_size_and_digest(self, store: Store) -> None:
+        got = await self.claimed(store)
+        await store.defer(replace(got, size=0, sha256="", attempts=1))
+        assert await store.read_message("Q1") == MESSAGE
+
+    async def test_bury_keeps_the_message_with_its_reason(self, store: Store) -> None:
+        got = await self.claimed(store)
+        await store.bury(got, "550 5.1.1 no such user")
+        found = await store.find("Q1")
+        assert found is not None
+        assert (found[0], found[1].dead_reason) == ("dead", "550 5.1.1 no such user")
+        assert await store.read_message("Q1") == MESSAGE
+
+    async def test_quarantine_keeps_the_message_with_its_reason(self, store: Store) -> None:
+        got = await self.claimed(store)
+        await store.quarantine(got, "prepare crashed")
+        found = await store.find("Q1")
+        assert found is not None
+        assert (found[0], found[1].dead_reason) == ("quarantine", "prepare crashed")
+        assert await store.read_message("Q1") == MESSAGE
+
+    async def test_release_requeues_unchanged_and_due_again(self, store: Store) -> None:
+        got = await self.claimed(store)
+        await store.release("Q1")
+        assert await store.find("Q1") == ("queue", got)
+        assert [e.queue_id for e in await store.due(NOW, 10)] == ["Q1"]
+
+    @pytest.mark.parametrize("state", ["queue", "active", "dead", "quarantine"])
+    async def test_discard_removes_the_entry_in_any_state(self, store: Store, state: State) -> None:
+        await self.in_state(store, state)
+        await store.discard("Q1")
+        assert await store.find("Q1") is None
+        assert counts(await store.stats(NOW)) == (0, 0, 0, 0, 0)
+
+    async def test_discard_of_an_absent_entry_is_a_no_op(self, store: Store) -> None:
+        await store.discard("NOPE")
+
+    @pytest.mark.parametrize("move", ["complete", "defer", "bury", "quarantine", "release"])
+    @pytest.mark.parametrize("state", ["queue", "dead", "quarantine", None])
+    async def test_moves_out_of_active_need_an_active_entry(
+        self, store: Store, move: str, state: State | None
+    ) -> None:
+        meta = await self.in_state(store, state) if state else entry()
+        calls = {
+            "complete": lambda: store.complete("Q1"),
+            "defer": lambda: store.defer(replace(meta, attempts=1)),
+            "bury": lambda: store.bury(meta, "why"),
+            "quarantine": lambda: store.quarantine(meta, "why"),
+            "release": lambda: store.release("Q1"),
+        }
+        with pytest.raises(EntryNotFoundError):
+            await calls[move]()
+        assert await store.find("Q1") == ((state, meta) if state else None)
+
+    # --- stats --------------------------------------------------------------------------------
+
+    async def test_stats_follow_every_move(self, store: Store) -> None:
+        assert counts(await store.stats(NOW)) == (0, 0, 0, 0, 0)
+        for n in range(4):
+            await store.put(entry(f"Q{n}"), MESSAGE)
+        assert counts(await store.stats(NOW)) == (4, 0, 0, 0, 0)
+        got = [await self.claimed_existing(store, f"Q{n}") for n in range(4)]
+        assert counts(await store.stats(NOW)) == (0, 4, 0, 0, 0)
+        await store.complete("Q0")
+        await store.defer(replace(got[1], next_attempt=NOW + 60))
+        await store.bury(got[2], "gone")
+        await store.quarantine(got[3], "crash")
+        assert counts(await store.stats(NOW)) == (1, 0, 1, 1, 0)
+        await store.retry("Q2")
+        assert counts(await store.stats(NOW)) == (2, 0, 0, 1, 0)
+        await store.delete("Q3")
+        assert counts(await store.stats(NOW)) == (2, 0, 0, 0, 0)
+
+    async def claimed_existing(self, store: Store, queue_id: str) -> EntryMeta:
+        got = await store.claim(queue_id)
+        assert got is not None
+        return got
+
+    async def test_stats_count_due_entries_at_now(self, store: Store) -> None:
+        await store.put(entry("A"), MESSAGE)
+        await store.put(entry("B", next_attempt=NOW), MESSAGE)
+        await store.put(entry("C", next_attempt=NOW + 60), MESSAGE)
+        assert (await store.stats(NOW)).due == 2
+        assert (await store.stats(NOW + 60)).due == 3
+        assert (await store.stats(NOW - 1)).due == 1
+
+    async def test_stats_oldest_created_is_over_queued_and_active(self, store: Store) -> None:
+        assert (await store.stats(NOW)).oldest_created is None
+        await self.claimed(store, "OLD", created=NOW - 100)
+        await store.put(entry("NEW", created=NOW), MESSAGE)
+        got = await self.claimed(store, "DEAD", created=NOW - 500)
+        await store.bury(got, "gone")
+        assert (await store.stats(NOW)).oldest_created == NOW - 100
+        await store.complete("OLD")
+        assert (await store.stats(NOW)).oldest_created == NOW
+
+    # --- recover ------------------------------------------------------------------------------
+
+    async def test_recover_requeues_active_entries_with_one_more_crash(self, store: Store) -> None:
+        await self.claimed(store, "HELD")
+        await store.put(entry("INLINE"), MESSAGE, claimed=True)
+        await store.put(entry("WAITING"), MESSAGE)
+        again = await self.restart(store)
+        report = await again.recover()
+        assert (report.requeued, report.quarantined) == (2, 0)
+        for qid, crashes in (("HELD", 1), ("INLINE", 1), ("WAITING", 0)):
+            found = await again.find(qid)
+            assert found is not None
+            assert (found[0], found[1].crashes) == ("queue", crashes)
+        assert counts(await again.stats(NOW)) == (3, 0, 0, 0, 0)
+        assert await again.read_message("HELD") == MESSAGE
+
+    async def test_recover_quarantines_at_the_crash_limit(self, store: Store) -> None:
+        await self.claimed(store, crashes=CRASH_LIMIT - 1)
+        again = await self.restart(store)
+        report = await again.recover()
+        assert (report.requeued, report.quarantined) == (0, 1)
+        found = await again.find("Q1")
+        assert found is not None
+        assert (found[0], found[1].crashes) == ("quarantine", CRASH_LIMIT)
+        assert counts(await again.stats(NOW)) == (0, 0, 0, 1, 0)
+
+    async def test_recover_keeps_dead_and_quarantined_entries_as_they_are(
+        self, store: Store
+    ) -> None:
+        dead = await self.in_state(store, "dead", "D")
+        held = await self.in_state(store, "quarantine", "H")
+        again = await self.restart(store)
+        await again.recover()
+        assert await again.find("D") == ("dead", dead)
+        assert await again.find("H") == ("quarantine", held)
+
+    async def test_relay_operations_need_recover_first(self, store: Store) -> None:
+        await store.put(entry(), MESSAGE)
+        again = await self.restart(store)
+        with pytest.raises(RuntimeError, match="recover"):
+            await again.claim("Q1")
+        with pytest.raises(RuntimeError, match="recover"):
+            await again.put(entry("Q2"), MESSAGE)
+
+    # --- operator commands --------------------------------------------------------------------
+
+    async def test_list_is_oldest_first_per_state(self, store: Store) -> None:
+        await store.put(entry("NEW", created=NOW + 1), MESSAGE)
+        await store.put(entry("OLD", created=NOW - 1), MESSAGE)
+        await self.claimed(store, "BUSY")
+        assert [e.queue_id for e in await store.list("queue")] == ["OLD", "NEW"]
+        assert [e.queue_id for e in await store.list("active")] == ["BUSY"]
+        assert await store.list("dead") == []
+
+    @pytest.mark.parametrize("state", ["dead", "quarantine", "queue"])
+    async def test_retry_requeues_due_now_with_the_reason_cleared(
+        self, store: Store, state: State
+    ) -> None:
+        await self.in_state(store, state)
+        if state == "queue":
+            got = await self.claimed_existing(store, "Q1")
+            await store.defer(replace(got, attempts=2, next_attempt=NOW + 3600))
+        assert await store.retry("Q1") is True
+        found = await store.find("Q1")
+        assert found is not None
+        assert (found[0], found[1].next_attempt, found[1].dead_reason) == ("queue", 0.0, "")
+        assert [e.queue_id for e in await store.due(NOW, 10)] == ["Q1"]
+
+    async def test_retry_from_quarantine_resets_the_crash_count(self, store: Store) -> None:
+        got = await self.claimed(store, crashes=2)
+        await store.quarantine(got, "crash")
+        await store.retry("Q1")
+        found = await store.find("Q1")
+        assert found is not None
+        assert found[1].crashes == 0
+
+    async def test_retry_of_dead_keeps_the_attempt_count(self, store: Store) -> None:
+        got = await self.claimed(store)
+        await store.bury(replace(got, attempts=7), "expired")
+        await store.retry("Q1")
+        found = await store.find("Q1")
+        assert found is not None
+        assert found[1].attempts == 7
+
+    @pytest.mark.parametrize("state", ["active", None])
+    async def test_retry_refuses_active_or_absent(self, store: Store, state: State | None) -> None:
+        if state:
+            await self.in_state(store, state)
+        assert await store.retry("Q1") is False
+
+    @pytest.mark.parametrize("state", ["queue", "dead", "quarantine"])
+    async def test_delete_removes_an_entry_not_active(self, store: Store, state: State) -> None:
+        await self.in_state(store, state)
+        assert await store.delete("Q1") is True
+        assert await store.find("Q1") is None
+        assert await store.claim("Q1") is None
+        with pytest.raises(EntryNotFoundError):
+            await store.read_message("Q1")
+
+    async def test_delete_refuses_active_and_absent(self, store: Store) -> None:
+        await self.claimed(store)
+        assert await store.delete("Q1") is False
+        assert await store.delete("NOPE") is False
+        found = await store.find("Q1")
+        assert found is not None
+        assert found[0] == "active"
+
+    async def test_delete_removes_a_corrupt_entry(self, store: Store) -> None:
+        await self.claimed(store)
+        self.damage(store, "Q1", b"")
+        with pytest.raises(EntryNotFoundError):
+            await store.read_message("Q1")
+        assert await store.delete("Q1") is True
+        assert counts(await store.stats(NOW)) == (0, 0, 0, 0, 0)
+
+    async def test_purge_deletes_every_entry_in_the_state_only(self, store: Store) -> None:
+        for qid in ("D1", "D2"):
+            await self.in_state(store, "dead", qid)
+        await self.in_state(store, "queue", "KEEP")
+        assert await store.purge("dead") == 2
+        assert await store.list("dead") == []
+        assert [e.queue_id for e in await store.list("queue")] == ["KEEP"]
+
+    async def test_purge_refuses_active(self, store: Store) -> None:
+        await self.claimed(store)
+        with pytest.raises(ValueError, match="active"):
+            await store.purge("active")
+
+    async def test_refresh_keeps_what_the_store_knows(self, store: Store) -> None:
+        await store.put(entry("A"), MESSAGE)
+        await self.claimed(store, "B")
+        await store.refresh()
+        assert counts(await store.stats(NOW)) == (1, 1, 0, 0, 0)
+        assert [e.queue_id for e in await store.due(NOW, 10)] == ["A"]
