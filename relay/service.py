@@ -15,15 +15,18 @@ import asyncio
 import logging
 import signal
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from relay.config.load import load_config
 from relay.config.schema import Config, ListenerConfig
 from relay.core.errors import ConfigError
-from relay.delivery.attempt import size_limit
+from relay.core.values import SendTarget
+from relay.delivery.attempt import SendResult, size_limit
 from relay.delivery.engine import DeliveryEngine
+from relay.delivery.workers import RESCAN_SECONDS
 from relay.graph.client import GraphClient
 from relay.graph.tokens import TokenProvider
 from relay.ops.admin import AdminServer, HealthSources
@@ -34,7 +37,7 @@ from relay.smtp.auth import MECHANISMS, SmtpAuthenticator
 from relay.smtp.connections import ConnectionLimiter
 from relay.smtp.handler import RelayHandler
 from relay.smtp.session import RelaySMTP, SessionLimits, server_tls_context
-from relay.store.files.spool import Spool
+from relay.store.files.interim import InterimFileStore
 
 __all__ = ["BoundListener", "RelayService", "serve_until_stopped"]
 
@@ -68,6 +71,7 @@ class RelayService:
         *,
         metrics: RelayMetrics | None = None,
         auth_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rescan_seconds: float = RESCAN_SECONDS,
     ) -> None:
         self._config = config
         self.metrics = metrics
@@ -76,13 +80,20 @@ class RelayService:
         self._listener_configs = tuple(config.smtp.listeners)
         self.tokens = TokenProvider(config.auth_objects, metrics=self._sink)
         self.graph = GraphClient(self.tokens)
-        self.spool = (
-            Spool(config.delivery.spool_dir, reserve_bytes=int(1.5 * self.max_message_size))
+        self.store = (
+            InterimFileStore(
+                config.delivery.spool_dir, reserve_bytes=int(1.5 * self.max_message_size)
+            )
             if config.delivery.mode != "direct"
             else None
         )
+        self.spool = self.store.spool if self.store is not None else None
         self.delivery = DeliveryEngine(
-            config=self.current_config, graph=self.graph, spool=self.spool, metrics=self._sink
+            config=self.current_config,
+            graph=_SendTargetGraph(self.graph),
+            store=self.store,
+            metrics=self._sink,
+            rescan_seconds=rescan_seconds,
         )
         self.limiter = ConnectionLimiter(
             total=config.smtp.max_connections,
@@ -183,8 +194,8 @@ class RelayService:
             await server.wait_closed()
         self._running = _Running()
         await self.delivery.stop(grace / 2)
-        if self.spool is not None:
-            self.spool.close()  # releases the lock: another relay may now recover this spool
+        if self.store is not None:
+            await self.store.close()  # releases the lock: another relay may now recover it
         await self.graph.close()
         self.tokens.close()
         for handle in self._retired:
@@ -272,6 +283,44 @@ class RelayService:
             )
 
         return factory
+
+
+class _SendTargetGraph:
+    """INTERIM: the Graph client's current calls behind `GraphSender`'s `SendTarget` signatures.
+    Remove when branch `graph` (GraphClient taking a SendTarget) is merged."""
+
+    def __init__(self, client: GraphClient) -> None:
+        self._client = client
+
+    async def send_mime(self, target: SendTarget, mime: bytes) -> SendResult:
+        return await self._client.send_mime(
+            target.auth,
+            target.auth_name,
+            target.mailbox,
+            mime,
+            client_request_id=target.client_request_id,
+        )
+
+    async def send_large_mime(self, target: SendTarget, mime: bytes) -> SendResult:
+        return await self._client.send_large_mime(
+            target.auth,
+            target.auth_name,
+            target.mailbox,
+            mime,
+            client_request_id=target.client_request_id,
+        )
+
+    async def send_json(
+        self, target: SendTarget, message_json: Mapping[str, Any], save_to_sent_items: bool
+    ) -> SendResult:
+        return await self._client.send_json(
+            target.auth,
+            target.auth_name,
+            target.mailbox,
+            message_json,
+            save_to_sent_items,
+            client_request_id=target.client_request_id,
+        )
 
 
 async def serve_until_stopped(

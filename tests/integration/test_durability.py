@@ -349,12 +349,11 @@ async def test_shutdown_requeues_what_is_in_flight_and_a_restart_delivers_it(
 
 
 async def test_an_entry_found_by_the_rescan_is_delivered_at_once(
-    start_relay: RelayFactory, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+    start_relay: RelayFactory, sandbox: Sandbox
 ) -> None:
     """An entry the runner was not told about (CLI retry, another process) goes out right after
     the next rescan, not one rescan period later."""
-    monkeypatch.setattr("relay.delivery.workers.RESCAN_SECONDS", 0.3)
-    relay = await start_relay(delivery=QUEUE)
+    relay = await start_relay(delivery=QUEUE, rescan_seconds=0.3)
     spool_of(relay).store(outside_entry("FROMOUTSIDE1"), message(subject="from outside"))
     started = time.monotonic()
     [mail] = await sandbox.wait_for_mail(1, timeout=5)
