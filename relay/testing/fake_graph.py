@@ -32,10 +32,12 @@ class Sent:
 
 @dataclass(slots=True)
 class Answer:
-    """One scripted answer: `error` raised, or accepted; after `hold` is set when given."""
+    """One scripted answer: `error` raised, or accepted; after `hold` is set when given.
+    `bug` is raised instead, as an unexpected exception from inside the client would be."""
 
     error: DeliveryError | None = None
     hold: asyncio.Event | None = None
+    bug: Exception | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,8 @@ class FakeGraph:
         self.started.set()
         if answer.hold is not None:
             await answer.hold.wait()
+        if answer.bug is not None:
+            raise answer.bug
         if answer.error is not None:
             raise answer.error
         self._outcomes[index] = True
