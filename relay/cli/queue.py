@@ -1,21 +1,25 @@
 """`smtp-graph-relay queue ...`: look at and operate on the spool, also while the relay runs.
 
 Why this module exists: at 3 a.m. an operator needs to see what is stuck and why, push a
-message again after fixing the setup, or remove one. Every operation is one of the spool's
-atomic renames, so it is safe next to the running relay: a retried entry is picked up by the
-relay's next rescan (within 10 s), a deleted one simply fails to be claimed. The CLI never
-runs the spool's crash recovery; only the relay does, at its start.
+message again after fixing the setup, or remove one. Every operation is one of the store's
+operator commands (`relay.store.protocol.Store`), atomic renames in the file store, so it is
+safe next to the running relay: a retried entry is picked up by the relay's next rescan (within
+10 s), a deleted one simply fails to be claimed. The CLI opens the store for operator use
+(`FileStore.open_for_operator`): no lock, and never the crash recovery, which only the relay
+runs, at its start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from typing import TextIO
 
 from relay.config.schema import Config
-from relay.core.values import EntryMeta
-from relay.store.files.spool import Spool
+from relay.core.values import EntryMeta, State
+from relay.store.files import FileStore
+from relay.store.protocol import Store
 
 __all__ = ["run_queue_command"]
 
@@ -25,26 +29,38 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 def run_queue_command(
     config: Config, action: str, queue_id: str | None, dead: bool, out: TextIO
 ) -> int:
-    spool = Spool(config.delivery.spool_dir, reserve_bytes=0)
     if not config.delivery.spool_dir.is_dir():
         out.write(
             f"no spool at {config.delivery.spool_dir} "
             "(has the relay run in hybrid or queue mode?)\n"
         )
         return EXIT_FAILURE
+    return asyncio.run(_run(config, action, queue_id, dead, out))
+
+
+async def _run(config: Config, action: str, queue_id: str | None, dead: bool, out: TextIO) -> int:
+    store = FileStore(config.delivery.spool_dir, reserve_bytes=0, threads=2)
+    await store.open_for_operator()
+    try:
+        return await _command(store, action, queue_id, dead, out)
+    finally:
+        await store.close()
+
+
+async def _command(store: Store, action: str, queue_id: str | None, dead: bool, out: TextIO) -> int:
     if action == "list":
-        return _list(spool, dead, out)
+        return await _list(store, dead, out)
     if action == "purge":
         if not dead:
             out.write("purge needs --dead (only dead letters can be purged)\n")
             return EXIT_USAGE
-        out.write(f"purged {spool.purge('dead')} dead message(s)\n")
+        out.write(f"purged {await store.purge('dead')} dead message(s)\n")
         return EXIT_OK
     if queue_id is None:
         out.write(f"queue {action} needs a queue id\n")
         return EXIT_USAGE
     try:
-        found = spool.find(queue_id)
+        found = await store.find(queue_id)
     except ValueError:
         out.write(f"{queue_id!r} is not a queue id\n")
         return EXIT_USAGE
@@ -53,26 +69,26 @@ def run_queue_command(
         return EXIT_FAILURE
     state, meta = found
     if action == "show":
-        _show(spool, state, meta, out)
+        _show(state, meta, out)
         return EXIT_OK
     if action == "retry":
-        if spool.retry(queue_id):
+        if await store.retry(queue_id):
             out.write(f"{queue_id}: queued for immediate delivery (was {state})\n")
             return EXIT_OK
         out.write(f"{queue_id}: cannot retry while it is {state}\n")
         return EXIT_FAILURE
-    if spool.delete(queue_id):
+    if await store.delete(queue_id):
         out.write(f"{queue_id}: deleted (was {state})\n")
         return EXIT_OK
     out.write(f"{queue_id}: cannot delete while it is {state} (being delivered right now)\n")
     return EXIT_FAILURE
 
 
-def _list(spool: Spool, dead: bool, out: TextIO) -> int:
-    states = ["dead"] if dead else ["active", "queue", "quarantine", "dead"]
+async def _list(store: Store, dead: bool, out: TextIO) -> int:
+    states: list[State] = ["dead"] if dead else ["active", "queue", "quarantine", "dead"]
     now = time.time()
-    rows = [(state, meta) for state in states for meta in spool.list(state)]  # type: ignore[arg-type]
-    stats = spool.stats(now)
+    rows = [(state, meta) for state in states for meta in await store.list(state)]
+    stats = await store.stats(now)
     out.write(
         f"{stats.queued} queued, {stats.active} in delivery, {stats.dead} dead, "
         f"{stats.quarantined} quarantined, {stats.corrupt} corrupt"
@@ -96,7 +112,7 @@ def _list(spool: Spool, dead: bool, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _show(spool: Spool, state: str, meta: EntryMeta, out: TextIO) -> None:
+def _show(state: str, meta: EntryMeta, out: TextIO) -> None:
     def when(ts: float) -> str:
         return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if ts else "now"
 

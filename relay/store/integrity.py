@@ -6,10 +6,10 @@ truncated message delivered through Graph (hardening #7). Every store records th
 takes a message (`sealed`) and checks it before handing the message out (`mismatch`); a mismatch
 sets the entry aside as corrupt. Pure: `hashlib` on bytes, no I/O.
 
-The rule for `put`: the caller may leave `size` (0) and `sha256` ("") empty and the store fills
-them in from the bytes it is given; a caller that states either must state them right, else
-`put` raises ValueError (a programming error, not a disk fault). Version 1 entries have no
-digest ("") and are checked by size only.
+The rule for `put`: size and digest are the store's, not the caller's. Whatever the entry states
+(typically 0 and ""), the store records the length and SHA-256 of the bytes it is given, and
+keeps them through defer, bury and quarantine. Version 1 entries have no digest ("") and are
+checked by size only.
 """
 
 from __future__ import annotations
@@ -28,13 +28,8 @@ def digest(message: bytes) -> str:
 
 
 def sealed(entry: EntryMeta, message: bytes) -> EntryMeta:
-    """`entry` with the size and SHA-256 of `message`; ValueError if it states others."""
-    actual = digest(message)
-    if entry.size not in (0, len(message)):
-        raise ValueError(f"{entry.queue_id}: size {entry.size} but the message has {len(message)}")
-    if entry.sha256 not in ("", actual):
-        raise ValueError(f"{entry.queue_id}: sha256 does not match the message")
-    return replace(entry, size=len(message), sha256=actual)
+    """`entry` with the size and SHA-256 of `message`, whatever it stated before."""
+    return replace(entry, size=len(message), sha256=digest(message))
 
 
 def mismatch(entry: EntryMeta, message: bytes) -> str | None:

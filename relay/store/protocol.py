@@ -59,10 +59,16 @@ __all__ = [
     "StoreError",
     "StoreStats",
     "StoreUnavailableError",
+    "crash_reason",
 ]
 
 # (auth object name, mailbox casefolded): the unit Graph counts concurrency and budgets in.
 MailboxKey = tuple[str, str]
+
+
+def crash_reason(crashes: int) -> str:
+    """The dead_reason `recover` gives an entry it quarantines (the operator reads it)."""
+    return f"the relay died {crashes} times while handling it"
 
 
 class StoreError(RelayError):
@@ -117,9 +123,9 @@ class Store(Protocol):
     async def put(self, entry: EntryMeta, message: bytes, *, claimed: bool = False) -> None:
         """Store a new message durably (the commit point). Raises StoreUnavailableError.
 
-        The store records the message's size and SHA-256, filling in an empty `size` (0) or
-        `sha256` (""); a stated one that does not match, or a queue id already stored, is a
-        caller's bug: ValueError (`relay.store.integrity.sealed`)."""
+        The store records the size and SHA-256 of `message`, whatever `entry` states
+        (`relay.store.integrity.sealed`). A queue id already stored is a caller's bug:
+        ValueError."""
         ...
 
     async def due(

@@ -30,6 +30,7 @@ from relay.store.protocol import (
     RecoveryReport,
     StoreStats,
     StoreUnavailableError,
+    crash_reason,
 )
 
 __all__ = ["MemoryStore"]
@@ -85,7 +86,7 @@ class MemoryStore:
             entry = replace(record.entry, crashes=record.entry.crashes + 1, dead_reason="")
             if entry.crashes >= CRASH_LIMIT:
                 record.state, quarantined = "quarantine", quarantined + 1
-                entry = replace(entry, dead_reason=f"crashed the relay {entry.crashes} times")
+                entry = replace(entry, dead_reason=crash_reason(entry.crashes))
             else:
                 record.state, requeued = "queue", requeued + 1
             record.entry = entry

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from relay.cli.main import main
 from relay.core.values import EntryMeta
 from relay.sandbox import Sandbox
-from relay.store.files.spool import Spool
+from relay.store.files import FileStore
 from tests.conftest import MAILBOX
 from tests.integration.test_cli import write_config
 
@@ -46,12 +48,18 @@ def _replace(meta: EntryMeta, **changes: object) -> EntryMeta:
 @pytest.fixture
 def config_file(sandbox: Sandbox, tmp_path: Path) -> Path:
     """A config whose spool holds one waiting and one dead message."""
-    spool = Spool(tmp_path / "spool", reserve_bytes=0)
-    spool.open()
-    spool.store(entry("WAITING1"), b"Subject: waiting\r\n\r\nx\r\n")
-    spool.store(entry("DEAD1"), b"Subject: dead\r\n\r\nx\r\n", claimed=True)
-    spool.bury(_replace(entry("DEAD1"), attempts=4), "refused: 550 5.1.1 ErrorInvalidUser")
-    spool.close()
+
+    async def fill() -> None:
+        store = FileStore(tmp_path / "spool", reserve_bytes=0)
+        await store.recover()
+        await store.put(entry("WAITING1"), b"Subject: waiting\r\n\r\nx\r\n")
+        await store.put(entry("DEAD1"), b"Subject: dead\r\n\r\nx\r\n", claimed=True)
+        await store.bury(
+            _replace(entry("DEAD1"), attempts=4), "refused: 550 5.1.1 ErrorInvalidUser"
+        )
+        await store.close()
+
+    asyncio.run(fill())
     return write_config(sandbox, tmp_path, delivery=QUEUE)
 
 
@@ -119,3 +127,31 @@ def test_purge_needs_dead_and_removes_only_dead_letters(config_file: Path) -> No
 def test_ids_that_are_not_queue_ids_are_refused(config_file: Path, bad: str) -> None:
     """A path instead of an id is a usage error, never a file operation."""
     assert run(config_file, "show", bad)[0] == 2
+
+
+def test_the_cli_works_beside_a_running_relay_and_never_recovers(config_file: Path) -> None:
+    """The relay holds the lock and a message in delivery: list shows it as in delivery, retry
+    refuses it, and it stays claimed (a CLI that ran recovery would have requeued it)."""
+    spool_dir = config_file.parent / "spool"
+
+    async def relay_holds(then: Callable[[], None]) -> None:
+        relay = FileStore(spool_dir, reserve_bytes=0)
+        await relay.recover()
+        got = await relay.claim("WAITING1")
+        assert got is not None
+        try:
+            await asyncio.to_thread(then)
+        finally:
+            await relay.close()
+
+    def operate() -> None:
+        code, listing = run(config_file, "list")
+        assert code == 0
+        assert listing.startswith("0 queued, 1 in delivery, 1 dead")
+        assert run(config_file, "retry", "WAITING1") == (
+            1,
+            "WAITING1: cannot retry while it is active\n",
+        )
+
+    asyncio.run(relay_holds(operate))
+    assert (spool_dir / "active" / "WAITING1.json").exists()

@@ -1,4 +1,4 @@
-"""The spool against real file-system failures: a full tmpfs and a read-only remount.
+"""The file store against real file-system failures: a full tmpfs and a read-only remount.
 
 These need root (mount/umount); they skip with the reason when not root or when the sandbox
 forbids mounting. No fault injection here: the kernel itself says ENOSPC and EROFS.
@@ -6,17 +6,21 @@ forbids mounting. No fault injection here: the kernel itself says ENOSPC and ERO
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from relay.core.values import EntryMeta
+from relay.store.files import FileStore
 from relay.store.files.spool import Spool, SpoolUnavailableError
+from relay.store.protocol import StoreUnavailableError
 
 NOW = 1_700_000_000.0
 
@@ -129,3 +133,72 @@ def test_a_read_only_spool_refuses_new_mail_and_keeps_the_old(tmpfs: Path) -> No
         assert spool.claim("OLD") is not None
     finally:
         spool.close()
+
+
+# --- FileStore: an outcome the disk refuses (hardening #11 item 2, the store's side) ---------
+
+MESSAGE = b"Subject: settle\r\n\r\nbody\r\n"
+
+
+async def _claimed(tmpfs: Path) -> FileStore:
+    store = FileStore(tmpfs / "spool", reserve_bytes=0)
+    await store.recover()
+    await store.put(entry("HELD", 0), MESSAGE)
+    assert await store.claim("HELD") is not None
+    return store
+
+
+async def _still_held(store: FileStore) -> None:
+    """The refused settle changed nothing: claimed, not due, counted as active, readable."""
+    found = await store.find("HELD")
+    assert found is not None
+    assert (found[0], found[1].attempts, found[1].crashes) == ("active", 0, 0)
+    assert await store.due(NOW + 3600, 10) == []
+    stats = await store.stats(NOW)
+    assert (stats.queued, stats.active) == (0, 1)
+    assert await store.read_message("HELD") == MESSAGE
+
+
+async def test_a_settle_refused_by_a_read_only_disk_can_be_made_again(tmpfs: Path) -> None:
+    """Read-only remount mid-delivery: complete raises StoreUnavailableError and leaves the entry
+    claimed; once writable, the same complete succeeds: no restart, no crash counted."""
+    store = await _claimed(tmpfs)
+    try:
+        remounted = _run("mount", "-o", "remount,ro", str(tmpfs))
+        if remounted.returncode != 0:
+            pytest.skip(f"remounting read-only is not permitted: {remounted.stderr.strip()}")
+        with pytest.raises(StoreUnavailableError) as caught:
+            await store.complete("HELD")
+        assert getattr(caught.value.__cause__, "errno", None) == errno.EROFS
+        await _still_held(store)
+        assert _run("mount", "-o", "remount,rw", str(tmpfs)).returncode == 0
+        await store.complete("HELD")
+        assert await store.find("HELD") is None
+        assert (await store.stats(NOW)).active == 0
+    finally:
+        await store.close()
+
+
+async def test_a_defer_refused_by_a_full_disk_can_be_made_again(tmpfs: Path) -> None:
+    """ENOSPC while recording a deferral: the entry stays claimed with its old fields; once space
+    is freed, the same defer lands and the entry is due at its new time."""
+    store = await _claimed(tmpfs)
+    filler = tmpfs / "filler"
+    try:
+        with filler.open("wb") as out, contextlib.suppress(OSError):
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        held = await store.find("HELD")
+        assert held is not None
+        later = replace(held[1], attempts=1, next_attempt=NOW + 60, last_error="451 busy")
+        with pytest.raises(StoreUnavailableError) as caught:
+            await store.defer(later)
+        assert getattr(caught.value.__cause__, "errno", None) == errno.ENOSPC
+        await _still_held(store)
+        filler.unlink()
+        await store.defer(later)
+        assert [e.queue_id for e in await store.due(NOW + 60, 10)] == ["HELD"]
+        assert await store.find("HELD") == ("queue", later)
+    finally:
+        await store.close()

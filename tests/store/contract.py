@@ -27,7 +27,7 @@ import pytest
 from relay.core.limits import CRASH_LIMIT
 from relay.core.values import EntryMeta, State
 from relay.store.integrity import digest
-from relay.store.protocol import EntryNotFoundError, Store, StoreStats
+from relay.store.protocol import EntryNotFoundError, Store, StoreStats, crash_reason
 
 NOW = 1_700_000_000.0
 MESSAGE = b"From: scanner@contoso.com\r\nSubject: scan\r\n\r\nbody\r\n"
@@ -108,10 +108,12 @@ class StoreContract(ABC):
         assert got is not None
         assert (got.size, got.sha256) == (len(MESSAGE), digest(MESSAGE))
 
-    async def test_put_refuses_a_stated_digest_that_does_not_match(self, store: Store) -> None:
-        with pytest.raises(ValueError, match="sha256"):
-            await store.put(entry(sha256=digest(b"other")), MESSAGE)
-        assert await store.find("Q1") is None
+    async def test_put_records_the_bytes_it_got_not_what_the_entry_says(self, store: Store) -> None:
+        await store.put(entry(size=3, sha256=digest(b"other")), MESSAGE)
+        found = await store.find("Q1")
+        assert found is not None
+        assert (found[1].size, found[1].sha256) == (len(MESSAGE), digest(MESSAGE))
+        assert await store.read_message("Q1") == MESSAGE
 
     async def test_put_refuses_a_queue_id_already_stored(self, store: Store) -> None:
         await store.put(entry(), MESSAGE)
@@ -349,6 +351,7 @@ class StoreContract(ABC):
         found = await again.find("Q1")
         assert found is not None
         assert (found[0], found[1].crashes) == ("quarantine", CRASH_LIMIT)
+        assert found[1].dead_reason == crash_reason(CRASH_LIMIT)
         assert counts(await again.stats(NOW)) == (0, 0, 0, 1, 0)
 
     async def test_recover_keeps_dead_and_quarantined_entries_as_they_are(
