@@ -37,7 +37,7 @@ from relay.smtp.auth import MECHANISMS, SmtpAuthenticator
 from relay.smtp.connections import ConnectionLimiter
 from relay.smtp.handler import RelayHandler
 from relay.smtp.session import RelaySMTP, SessionLimits, server_tls_context
-from relay.store.files.interim import InterimFileStore
+from relay.store.files.store import FileStore
 
 __all__ = ["BoundListener", "RelayService", "serve_until_stopped"]
 
@@ -81,9 +81,7 @@ class RelayService:
         self.tokens = TokenProvider(config.auth_objects, metrics=self._sink)
         self.graph = GraphClient(self.tokens)
         self.store = (
-            InterimFileStore(
-                config.delivery.spool_dir, reserve_bytes=int(1.5 * self.max_message_size)
-            )
+            FileStore(config.delivery.spool_dir, reserve_bytes=int(1.5 * self.max_message_size))
             if config.delivery.mode != "direct"
             else None
         )
