@@ -109,8 +109,6 @@ class RelayService:
             metrics=self._sink,
             authenticator=self.authenticator,
         )
-        if metrics is not None and self.spool is not None:
-            metrics.track_spool(self.spool.stats)
         self._server_tls: ssl.SSLContext | None = None
         self._retired: list[asyncio.TimerHandle] = []
         self._retired_providers: list[TokenProvider] = []
@@ -138,6 +136,8 @@ class RelayService:
             bound=lambda: self.listeners,
             tokens=lambda: self.tokens.status(),
             spool=self.spool,
+            queue=self.store.stats if self.store is not None else None,
+            degraded=self.delivery.degraded_reasons,
         )
 
     @property

@@ -8,8 +8,9 @@ without metrics; `RelayMetrics` turns the events into Prometheus series on its o
 `CollectorRegistry` (never the global one: tests and several relays in one process must not share
 counters). It also keeps the last delivery errors for the admin status page.
 
-Exposed series (all prefixed `smtp_graph_relay_`; `route` is `routes[N]`, the route's position
-in the config, so label values are bounded by the configuration):
+Exposed series (all prefixed `smtp_graph_relay_`; `route` is the route's name, `routes[].name`
+or, when it has none, its first sender pattern (`RouteConfig.label`), so label values are bounded
+by the configuration, and a route keeps its series when routes are inserted or reordered):
 
     messages_accepted_total{route,outcome}      the client got 250; outcome delivered|queued
     messages_delivered_total{route,auth_object} Graph answered 202 (DSNs the relay sends count)
@@ -35,29 +36,28 @@ in the config, so label values are bounded by the configuration):
     queue_depth{state}                          gauge at scrape time: queued|active entries
     queue_oldest_age_seconds                    gauge at scrape time: oldest undelivered entry
     dead_letters{state}                         gauge at scrape time: dead|quarantine|corrupt
-    spool_readable                              1 if the spool could be read at scrape time
+    spool_readable                              1 if the queue's counts could be read
     build_info{version}                         always 1
 
-The spool gauges are computed when scraped by reading the spool (`Spool.stats`), which is disk
-I/O: call `render()` off the event loop (the admin server uses a worker thread).
+The queue gauges come from one reading of the store's incrementally kept counts
+(`Store.stats`), taken by the admin server per scrape and passed to `render()`
+(`relay.ops.queue_gauges`); nothing here reads the store, so `render()` does no I/O.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from relay import __version__
-from relay.store.files.spool import SpoolError, SpoolStats
+from relay.ops.queue_gauges import QueueReading, render_queue
 
 __all__ = [
     "GRAPH_LATENCY_BUCKETS",
@@ -70,8 +70,6 @@ __all__ = [
     "NullMetrics",
     "RelayMetrics",
 ]
-
-log = logging.getLogger("relay.metrics")
 
 PREFIX: Final = "smtp_graph_relay_"
 # Graph's sendMail usually answers in 0.2-2 s; 30 s is already a timeout in all but name.
@@ -177,14 +175,12 @@ class NullMetrics:
 
 NULL_METRICS: Final[MetricsSink] = NullMetrics()  # stateless, so one instance serves everyone
 
-SpoolStatsSource = Callable[[float], SpoolStats]
-
 
 class RelayMetrics:
     """Prometheus implementation of `MetricsSink` (series listed in the module docstring).
 
     Events arrive on the event loop; `render()` may run in another thread (prometheus-client's
-    metrics are thread-safe, and the spool source is only read there).
+    metrics are thread-safe).
     """
 
     CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
@@ -199,7 +195,6 @@ class RelayMetrics:
         self.registry = CollectorRegistry()
         self._recent: deque[ErrorReport] = deque(maxlen=recent_errors)
         self._error_codes: set[str] = set()
-        self._spool: SpoolStatsSource | None = None
         r = self.registry
         self._accepted = Counter(
             f"{PREFIX}messages_accepted",
@@ -276,20 +271,16 @@ class RelayMetrics:
         Gauge(f"{PREFIX}build_info", "The relay's version.", ["version"], registry=r).labels(
             __version__
         ).set(1)
-        r.register(_SpoolCollector(self._spool_stats, clock))
 
-    # --- state read at scrape time -----------------------------------------------------------
+    # --- the exposition ------------------------------------------------------------------------
 
-    def track_spool(self, stats: SpoolStatsSource | None) -> None:
-        """Read queue gauges from `stats(now)` (`Spool.stats`) at each scrape; None stops it."""
-        self._spool = stats
-
-    def _spool_stats(self) -> SpoolStatsSource | None:
-        return self._spool
-
-    def render(self) -> bytes:
-        """The Prometheus text exposition. Reads the spool: call it off the event loop."""
-        return generate_latest(self.registry)
+    def render(self, queue: QueueReading | None = None, *, now: float | None = None) -> bytes:
+        """The Prometheus text exposition: the event series, and the queue gauges from `queue`
+        (one reading of `Store.stats`; None in direct mode: no queue series). No I/O."""
+        text = generate_latest(self.registry)
+        if queue is None:
+            return text
+        return text + render_queue(queue, self._clock() if now is None else now)
 
     def recent_errors(self) -> list[ErrorReport]:
         """The last delivery errors, newest first."""
@@ -344,61 +335,3 @@ class RelayMetrics:
             return "other"
         self._error_codes.add(clean)
         return clean
-
-
-class _SpoolCollector:
-    """Queue gauges computed from `Spool.stats` when scraped (a custom collector)."""
-
-    def __init__(
-        self, source: Callable[[], SpoolStatsSource | None], clock: Callable[[], float]
-    ) -> None:
-        self._source = source
-        self._clock = clock
-
-    def describe(self) -> Iterable[Metric]:
-        """The names this collector owns, without reading the spool (registration time)."""
-        return _spool_families(None)
-
-    def collect(self) -> Iterable[Metric]:
-        stats_of = self._source()
-        if stats_of is None:  # direct mode: no spool, no queue
-            return ()
-        now = self._clock()
-        try:
-            return _spool_families(stats_of(now), now)
-        except (SpoolError, OSError) as exc:
-            log.warning("cannot read spool statistics: %s", exc, extra={"event": "metrics_error"})
-            return _spool_families(None, readable=False)
-
-
-def _spool_families(
-    stats: SpoolStats | None, now: float = 0.0, *, readable: bool | None = None
-) -> Sequence[Metric]:
-    """The spool gauges; only `spool_readable` has a sample when `stats` is None."""
-    up = GaugeMetricFamily(
-        f"{PREFIX}spool_readable", "1 if the spool could be read for this scrape."
-    )
-    depth = GaugeMetricFamily(
-        f"{PREFIX}queue_depth", "Undelivered messages in the spool.", labels=["state"]
-    )
-    oldest = GaugeMetricFamily(
-        f"{PREFIX}queue_oldest_age_seconds",
-        "Age of the oldest undelivered message in the spool (0 when empty).",
-    )
-    dead = GaugeMetricFamily(
-        f"{PREFIX}dead_letters",
-        "Messages kept for an operator: dead, quarantined or corrupt.",
-        labels=["state"],
-    )
-    if stats is not None:
-        readable = True
-        depth.add_metric(["queued"], stats.queued)
-        depth.add_metric(["active"], stats.active)
-        age = 0.0 if stats.oldest_created is None else max(0.0, now - stats.oldest_created)
-        oldest.add_metric([], age)
-        dead.add_metric(["dead"], stats.dead)
-        dead.add_metric(["quarantine"], stats.quarantined)
-        dead.add_metric(["corrupt"], stats.corrupt)
-    if readable is not None:
-        up.add_metric([], 1 if readable else 0)
-    return (up, depth, oldest, dead)

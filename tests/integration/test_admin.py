@@ -1,19 +1,24 @@
 """The admin HTTP server over real HTTP on 127.0.0.1 (port 0): /healthz and /readyz verdicts and
-reasons, /metrics in the Prometheus format, the status page (escaped, no secrets), and a real
-relay + sandbox whose counters show up on /metrics after smtplib sends mail."""
+reasons (degradations included), /metrics in the Prometheus format from one reading of the
+store's counts, the status page (escaped, no secrets), its defences (header and idle timeouts,
+the Host check) over raw TCP, and a real relay + sandbox whose counters show up on /metrics
+after smtplib sends mail."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay import __version__
 from relay.config.load import parse_config
 from relay.config.schema import AdminConfig, Config
 from relay.graph.tokens import TokenStatus
@@ -22,6 +27,7 @@ from relay.ops.metrics import ErrorReport, RelayMetrics
 from relay.sandbox import Sandbox
 from relay.service import BoundListener, RelayService
 from relay.store.files.spool import Spool
+from relay.store.protocol import StoreStats, StoreUnavailableError
 from tests.conftest import MAILBOX, SECRET, asmtp_send, build_config, message, relay_config_text
 
 PAGE_SECRET = "Sb8Q~admin-page-secret-do-not-show"
@@ -44,12 +50,38 @@ CONFIG = textwrap.dedent(
         graph_endpoint: https://graph.example.test
         proxy: http://relay:{PROXY_PASSWORD}@proxy.example.test:3128
     routes:
-      - {{senders: ["scanner@contoso.com"], auth_object: contoso, mailbox: relay@contoso.com}}
+      - {{senders: ["scanner@contoso.com"], name: scanners, auth_object: contoso,
+          mailbox: relay@contoso.com}}
       - {{senders: ["*@contoso.com"], auth_object: contoso}}
     """
 )
 # AdminConfig insists on a real port (1-65535); tests bind port 0 and ask the server.
 ANY_PORT = AdminConfig.model_construct(address="127.0.0.1", port=0)
+
+
+class CountingStore:
+    """A Store stand-in with incremental counts: `stats` is answered from two numbers and
+    counted; `list` and `due`, the per-entry calls a scan would make, fail the test."""
+
+    def __init__(self, stats: StoreStats) -> None:
+        self.counts = stats
+        self.stats_calls = 0
+        self.failure: Exception | None = None
+        self.hang: asyncio.Event | None = None
+
+    async def stats(self, now: float) -> StoreStats:
+        self.stats_calls += 1
+        if self.hang is not None:
+            await self.hang.wait()
+        if self.failure is not None:
+            raise self.failure
+        return self.counts
+
+    async def list(self, state: str) -> Sequence[object]:
+        raise AssertionError("an admin request listed the queue")
+
+    async def due(self, now: float, limit: int) -> Sequence[object]:
+        raise AssertionError("an admin request listed the queue")
 
 
 @dataclass
@@ -60,6 +92,10 @@ class RelayState:
     spool: Spool | None
     bound: list[BoundListenerView]
     tokens: dict[str, TokenStatus]
+    store: CountingStore | None = field(
+        default_factory=lambda: CountingStore(StoreStats(0, 0, 0, 0, 0, None))
+    )
+    degraded: list[str] = field(default_factory=list)
 
     def sources(self) -> HealthSources:
         return HealthSources(
@@ -68,6 +104,8 @@ class RelayState:
             bound=lambda: self.bound,
             tokens=lambda: self.tokens,
             spool=self.spool,
+            queue=self.store.stats if self.store is not None else None,
+            degraded=lambda: self.degraded,
         )
 
 
@@ -106,8 +144,12 @@ async def start_admin() -> AsyncIterator[AdminFactory]:
     """Start admin servers on 127.0.0.1:0; all are stopped at teardown."""
     started: list[AdminServer] = []
 
-    async def start(sources: HealthSources, metrics: RelayMetrics | None = None) -> AdminServer:
-        server = AdminServer(ANY_PORT, metrics=metrics or RelayMetrics(), health=sources)
+    async def start(
+        sources: HealthSources, metrics: RelayMetrics | None = None, check_timeout: float = 2.0
+    ) -> AdminServer:
+        server = AdminServer(
+            ANY_PORT, metrics=metrics or RelayMetrics(), health=sources, check_timeout=check_timeout
+        )
         await server.start()
         started.append(server)
         return server
@@ -246,16 +288,160 @@ async def test_readyz_includes_the_health_checks(
     assert "- SMTP listener 127.0.0.1:2525 is not bound" in answer.text.splitlines()
 
 
+# --- degraded: healthy, but an operator should look ------------------------------------------
+
+
+async def test_healthz_stays_200_and_names_each_degradation(
+    state: RelayState, start_admin: AdminFactory
+) -> None:
+    """Outcomes the store could not record: still healthy (a restart would not help), but
+    /healthz says so, one `degraded:` line per reason."""
+    state.degraded = ["outcomes not recorded: 3", "store unavailable: read-only file system"]
+    server = await start_admin(state.sources())
+    answer = await get(server, "/healthz")
+    assert answer.status == 200
+    assert answer.text.splitlines() == [
+        "degraded: outcomes not recorded: 3",
+        "degraded: store unavailable: read-only file system",
+    ]
+    assert await server.healthy()
+
+
+async def test_readyz_is_503_while_degraded(state: RelayState, start_admin: AdminFactory) -> None:
+    """A load balancer sends new mail elsewhere while outcomes wait to be recorded."""
+    state.tokens = {"contoso": OK}
+    state.degraded = ["outcomes not recorded: 3"]
+    server = await start_admin(state.sources())
+    answer = await get(server, "/readyz")
+    assert answer.status == 503
+    assert answer.text.splitlines() == ["not ready", "- degraded: outcomes not recorded: 3"]
+
+
+async def test_health_follows_the_degradation_as_it_comes_and_goes(
+    state: RelayState, start_admin: AdminFactory
+) -> None:
+    """The reasons are read per request: when the store takes the outcomes, both answer ok."""
+    server = await start_admin(state.sources())
+    state.degraded = ["outcomes not recorded: 1"]
+    assert (await get(server, "/readyz")).status == 503
+    state.degraded = []
+    assert (await get(server, "/healthz")).text == "ok\n"
+    assert ((r := await get(server, "/readyz")).status, r.text) == (200, "ok\n")
+
+
+async def test_unhealthy_and_degraded_are_reported_together(
+    state: RelayState, start_admin: AdminFactory
+) -> None:
+    """503 for the failed check, and the degradation is not hidden behind it."""
+    state.bound = state.bound[:1]
+    state.degraded = ["outcomes not recorded: 2"]
+    server = await start_admin(state.sources())
+    answer = await get(server, "/healthz")
+    assert answer.status == 503
+    assert answer.text.splitlines() == [
+        "unhealthy",
+        "- SMTP listener 127.0.0.1:4650 is not bound",
+        "- degraded: outcomes not recorded: 2",
+    ]
+
+
+async def test_the_status_page_shows_each_degradation(
+    state: RelayState, start_admin: AdminFactory
+) -> None:
+    """People see it too, escaped like everything else."""
+    state.degraded = ["outcomes not recorded: 3 <since 02:00>"]
+    server = await start_admin(state.sources())
+    page = (await get(server, "/")).text
+    assert "<li>degraded: outcomes not recorded: 3 &lt;since 02:00&gt;</li>" in page
+    assert "Ready." not in page
+
+
+# --- no scans: one cheap reading of the store's counts per request -----------------------------
+
+
+async def test_a_scrape_reads_the_counts_once_and_lists_nothing(
+    state: RelayState, start_admin: AdminFactory
+) -> None:
+    """/metrics takes one `Store.stats` reading per scrape and never calls a per-entry method
+    (the stand-in's `list` and `due` raise); the gauges show that reading."""
+    store = CountingStore(StoreStats(20_000, 4, 7, 1, 2, oldest_created=None))
+    state.store = store
+    server = await start_admin(state.sources())
+    for scrape in range(1, 4):
+        text = (await get(server, "/metrics")).text
+        assert store.stats_calls == scrape
+    assert value(text, "smtp_graph_relay_queue_depth", state="queued") == 20_000
+    assert value(text, "smtp_graph_relay_dead_letters", state="dead") == 7
+
+
+async def test_the_status_page_reads_the_counts_once_and_lists_nothing(
+    state: RelayState, start_admin: AdminFactory
+) -> None:
+    """The page shows the counts from one `Store.stats` reading per view."""
+    store = CountingStore(StoreStats(20_000, 4, 7, 1, 2, oldest_created=None))
+    state.store = store
+    server = await start_admin(state.sources())
+    page = (await get(server, "/")).text
+    assert store.stats_calls == 1
+    assert "<td>20000</td><td>4</td><td>-</td><td>7</td><td>1</td><td>2</td>" in page
+
+
+async def test_health_checks_do_not_read_the_queue(
+    state: RelayState, start_admin: AdminFactory
+) -> None:
+    """/healthz and /readyz probe the spool directory for room; they take no counts."""
+    assert state.store is not None
+    server = await start_admin(state.sources())
+    await get(server, "/healthz")
+    await get(server, "/readyz")
+    assert state.store.stats_calls == 0
+
+
+async def test_an_unavailable_store_fails_the_gauge_and_the_page_shows_why(
+    state: RelayState, start_admin: AdminFactory
+) -> None:
+    """StoreUnavailableError: spool_readable 0, the other series still render, and the
+    status page says what the store answered."""
+    assert state.store is not None
+    state.store.failure = StoreUnavailableError("database is down")
+    server = await start_admin(state.sources())
+    text = (await get(server, "/metrics")).text
+    assert value(text, "smtp_graph_relay_spool_readable") == 0
+    assert value(text, "smtp_graph_relay_build_info", version=__version__) == 1
+    assert "cannot read the queue: database is down" in (await get(server, "/")).text
+
+
+async def test_a_store_that_does_not_answer_cannot_hold_a_scrape(
+    state: RelayState, start_admin: AdminFactory
+) -> None:
+    """A hung store: the scrape answers after the check timeout with spool_readable 0."""
+    assert state.store is not None
+    state.store.hang = asyncio.Event()  # never set
+    server = await start_admin(state.sources(), check_timeout=0.2)
+    started = time.monotonic()
+    text = (await get(server, "/metrics")).text
+    assert time.monotonic() - started < 5.0
+    assert value(text, "smtp_graph_relay_spool_readable") == 0
+
+
+async def test_direct_mode_exposes_no_queue_series(
+    state: RelayState, start_admin: AdminFactory
+) -> None:
+    """No store (direct mode): no queue gauges, and the page says nothing is queued."""
+    state.store = None
+    server = await start_admin(state.sources())
+    assert value((await get(server, "/metrics")).text, "smtp_graph_relay_spool_readable") is None
+    assert "Direct mode: no spool" in (await get(server, "/")).text
+
+
 # --- /metrics ----------------------------------------------------------------------------
 
 
 async def test_metrics_serves_the_prometheus_text_format(
     state: RelayState, start_admin: AdminFactory
 ) -> None:
-    """Content type of the Prometheus text format; events and spool gauges are in the body."""
+    """Content type of the Prometheus text format; events and queue gauges are in the body."""
     metrics = RelayMetrics()
-    assert state.spool is not None
-    metrics.track_spool(state.spool.stats)
     metrics.accepted("routes[1]", "queued")
     server = await start_admin(state.sources(), metrics)
     answer = await get(server, "/metrics")
@@ -303,8 +489,13 @@ async def test_status_page_shows_routes_queue_tokens_and_errors_with_remedy(
     page = answer.text
     assert answer.status == 200
     assert answer.content_type == "text/html; charset=utf-8"
-    assert "<td>scanner@contoso.com</td><td>contoso</td><td>relay@contoso.com</td>" in page
-    assert "<td>*@contoso.com</td><td>contoso</td><td>the sender&#x27;s own mailbox</td>" in page
+    assert (
+        "<td>scanners</td><td>scanner@contoso.com</td><td>contoso</td><td>relay@contoso.com</td>"
+    ) in page  # a route is shown by its name
+    assert (  # a route without a name is named after its first sender pattern
+        "<td>*@contoso.com</td><td>*@contoso.com</td><td>contoso</td>"
+        "<td>the sender&#x27;s own mailbox</td>"
+    ) in page
     assert "127.0.0.1:4650" in page
     assert "MailboxNotEnabledForRESTAPI" in page
     assert "9f1c6a2e-request-id" in page

@@ -1,6 +1,6 @@
 """RelayMetrics: each event becomes the documented Prometheus series (parsed back from the text
-exposition), the spool gauges are read at scrape time, and GraphAttempts reports Graph's answers
-but not token failures."""
+exposition), the queue gauges render one reading of the store's counts, and GraphAttempts
+reports Graph's answers but not token failures."""
 
 from __future__ import annotations
 
@@ -29,24 +29,29 @@ from relay.ops.metrics import (
     NullMetrics,
     RelayMetrics,
 )
-from relay.store.files.spool import SpoolStats, SpoolUnavailableError
+from relay.ops.queue_gauges import QueueReading
+from relay.store.protocol import StoreStats
 from relay.testing.fake_graph import FakeGraph
 
 P = "smtp_graph_relay_"
 
 
-def sample(metrics: RelayMetrics, name: str, **labels: str) -> float | None:
-    """The value of one sample in the exposition, None when it is absent."""
-    for family in text_string_to_metric_families(metrics.render().decode()):
+EMPTY = QueueReading(StoreStats(0, 0, 0, 0, 0, None))
+
+
+def sample(metrics: RelayMetrics | bytes, name: str, **labels: str) -> float | None:
+    """The value of one sample in the exposition (or in `render()`'s bytes), None when absent."""
+    text = metrics if isinstance(metrics, bytes) else metrics.render()
+    for family in text_string_to_metric_families(text.decode()):
         for s in family.samples:
             if s.name == name and s.labels == labels:
                 return float(s.value)
     return None
 
 
-def families(metrics: RelayMetrics) -> dict[str, str]:
+def families(metrics: RelayMetrics, queue: QueueReading | None = None) -> dict[str, str]:
     """Family name -> type, as a scraper sees them (prometheus-client's `_created` aside)."""
-    text = metrics.render().decode()
+    text = metrics.render(queue).decode()
     found = text_string_to_metric_families(text)
     return {f.name: f.type for f in found if not f.name.endswith("_created")}
 
@@ -73,8 +78,7 @@ def report(**changes: object) -> ErrorReport:
 def test_every_documented_family_is_exposed_with_its_type() -> None:
     """A fresh registry already names every series, with counters as counters."""
     metrics = RelayMetrics()
-    metrics.track_spool(lambda now: SpoolStats(0, 0, 0, 0, 0, None))
-    assert families(metrics) == {
+    assert families(metrics, EMPTY) == {
         f"{P}messages_accepted": "counter",
         f"{P}messages_delivered": "counter",
         f"{P}messages_deferred": "counter",
@@ -222,51 +226,51 @@ def test_graph_error_codes_are_sanitised_and_bounded() -> None:
     assert sample(metrics, f"{P}graph_errors_total", code="other") == 6
 
 
-def test_queue_gauges_are_read_from_the_spool_at_scrape_time() -> None:
-    """queue_depth, queue_oldest_age_seconds and dead_letters come from Spool.stats(now)."""
-    metrics = RelayMetrics(clock=lambda: 1000.0)
-    seen: list[float] = []
+def test_queue_gauges_render_the_reading_they_are_given() -> None:
+    """queue_depth, queue_oldest_age_seconds and dead_letters come from one StoreStats."""
+    reading = QueueReading(
+        StoreStats(queued=4, active=1, dead=2, quarantined=1, corrupt=3, oldest_created=910.0)
+    )
+    text = RelayMetrics(clock=lambda: 1000.0).render(reading)
+    assert sample(text, f"{P}queue_depth", state="queued") == 4
+    assert sample(text, f"{P}queue_depth", state="active") == 1
+    assert sample(text, f"{P}queue_oldest_age_seconds") == 90.0  # injected clock
+    assert sample(text, f"{P}dead_letters", state="dead") == 2
+    assert sample(text, f"{P}dead_letters", state="quarantine") == 1
+    assert sample(text, f"{P}dead_letters", state="corrupt") == 3
+    assert sample(text, f"{P}spool_readable") == 1
 
-    def stats(now: float) -> SpoolStats:
-        seen.append(now)
-        return SpoolStats(
-            queued=4, active=1, dead=2, quarantined=1, corrupt=3, oldest_created=910.0
-        )
 
-    metrics.track_spool(stats)
-    assert sample(metrics, f"{P}queue_depth", state="queued") == 4
-    assert sample(metrics, f"{P}queue_depth", state="active") == 1
-    assert sample(metrics, f"{P}queue_oldest_age_seconds") == 90.0
-    assert sample(metrics, f"{P}dead_letters", state="dead") == 2
-    assert sample(metrics, f"{P}dead_letters", state="quarantine") == 1
-    assert sample(metrics, f"{P}dead_letters", state="corrupt") == 3
-    assert sample(metrics, f"{P}spool_readable") == 1
-    assert set(seen) == {1000.0}  # the injected clock, read once per scrape
+def test_the_age_is_measured_at_the_time_of_the_scrape() -> None:
+    """`now` given to render() wins over the clock: the admin server reads both at once."""
+    reading = QueueReading(StoreStats(1, 0, 0, 0, 0, oldest_created=100.0))
+    text = RelayMetrics(clock=lambda: 1e9).render(reading, now=130.0).decode()
+    assert f"{P}queue_oldest_age_seconds 30.0" in text
 
 
 def test_an_empty_queue_has_age_zero() -> None:
     """No undelivered entry: oldest age 0, not absent."""
+    assert sample(RelayMetrics().render(EMPTY), f"{P}queue_oldest_age_seconds") == 0
+
+
+def test_an_unreadable_queue_fails_the_gauge_not_the_scrape() -> None:
+    """A reading without counts -> spool_readable 0 and the other series still render."""
     metrics = RelayMetrics()
-    metrics.track_spool(lambda now: SpoolStats(0, 0, 0, 0, 0, None))
-    assert sample(metrics, f"{P}queue_oldest_age_seconds") == 0
-
-
-def test_an_unreadable_spool_fails_the_gauge_not_the_scrape() -> None:
-    """Spool errors at scrape time -> spool_readable 0 and the other series still render."""
-    metrics = RelayMetrics()
-
-    def broken(now: float) -> SpoolStats:
-        raise SpoolUnavailableError("cannot list /spool/queue: EIO")
-
-    metrics.track_spool(broken)
-    metrics.accepted("routes[0]", "queued")
-    assert sample(metrics, f"{P}spool_readable") == 0
-    assert sample(metrics, f"{P}queue_depth", state="queued") is None
-    assert sample(metrics, f"{P}messages_accepted_total", route="routes[0]", outcome="queued")
+    broken = QueueReading(None, "cannot read the queue: EIO")
+    metrics.accepted("contoso-senders", "queued")
+    text = metrics.render(broken)
+    assert sample(text, f"{P}spool_readable") == 0
+    assert sample(text, f"{P}queue_depth", state="queued") is None
+    assert sample(
+        metrics.render(broken),
+        f"{P}messages_accepted_total",
+        route="contoso-senders",
+        outcome="queued",
+    )
 
 
 def test_direct_mode_has_no_spool_series() -> None:
-    """Without a spool source nothing about the queue is exposed."""
+    """Without a queue reading (direct mode) nothing about the queue is exposed."""
     assert f"{P}queue_depth" not in families(RelayMetrics())
 
 
