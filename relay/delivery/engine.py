@@ -92,7 +92,7 @@ class DeliveryEngine:
         random_fraction: Callable[[], float] = random.random,
         metrics: MetricsSink = NULL_METRICS,
         rescan_seconds: float = RESCAN_SECONDS,
-        record_retry: tuple[float, float] = (RECORD_RETRY_FIRST, RECORD_RETRY_MAX),
+        record_retry: tuple[float, float] | None = None,
     ) -> None:
         self._config = config
         self._clock = clock
@@ -104,13 +104,18 @@ class DeliveryEngine:
         self.outcomes: OutcomeRecorder | None = None
         self.workers: QueueWorkers | None = None
         if store is not None:
+            # Kept outcomes are tried again at least once per rescan (and the rescan kicks them).
+            first, most = record_retry or (
+                RECORD_RETRY_FIRST,
+                min(RECORD_RETRY_MAX, rescan_seconds),
+            )
             self.outcomes = OutcomeRecorder(
                 store=store,
                 attempts=self.attempts,
                 bouncer=Bouncer(config=config, clock=clock),
                 on_queued=self.wake,
-                retry_first=record_retry[0],
-                retry_max=record_retry[1],
+                retry_first=first,
+                retry_max=most,
             )
             self.workers = QueueWorkers(
                 config=config,

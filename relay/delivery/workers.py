@@ -112,6 +112,7 @@ class QueueWorkers:
             try:
                 wait = await self._fill()
                 if self._monotonic() >= next_rescan:
+                    self._outcomes.retry_now()  # kept outcomes land within one rescan
                     await self._store.refresh()
                     next_rescan = self._monotonic() + self._rescan
                     wait = 0.0  # what the rescan found (CLI retry, lost hints) is due now
