@@ -15,16 +15,14 @@ import asyncio
 import logging
 import signal
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from relay.config.load import load_config
 from relay.config.schema import Config, ListenerConfig
 from relay.core.errors import ConfigError
-from relay.core.values import SendTarget
-from relay.delivery.attempt import SendResult, size_limit
+from relay.delivery.attempt import size_limit
 from relay.delivery.engine import DeliveryEngine
 from relay.delivery.workers import RESCAN_SECONDS
 from relay.graph.client import GraphClient
@@ -88,7 +86,7 @@ class RelayService:
         self.spool = self.store.spool if self.store is not None else None
         self.delivery = DeliveryEngine(
             config=self.current_config,
-            graph=_SendTargetGraph(self.graph),
+            graph=self.graph,
             store=self.store,
             metrics=self._sink,
             rescan_seconds=rescan_seconds,
@@ -281,44 +279,6 @@ class RelayService:
             )
 
         return factory
-
-
-class _SendTargetGraph:
-    """INTERIM: the Graph client's current calls behind `GraphSender`'s `SendTarget` signatures.
-    Remove when branch `graph` (GraphClient taking a SendTarget) is merged."""
-
-    def __init__(self, client: GraphClient) -> None:
-        self._client = client
-
-    async def send_mime(self, target: SendTarget, mime: bytes) -> SendResult:
-        return await self._client.send_mime(
-            target.auth,
-            target.auth_name,
-            target.mailbox,
-            mime,
-            client_request_id=target.client_request_id,
-        )
-
-    async def send_large_mime(self, target: SendTarget, mime: bytes) -> SendResult:
-        return await self._client.send_large_mime(
-            target.auth,
-            target.auth_name,
-            target.mailbox,
-            mime,
-            client_request_id=target.client_request_id,
-        )
-
-    async def send_json(
-        self, target: SendTarget, message_json: Mapping[str, Any], save_to_sent_items: bool
-    ) -> SendResult:
-        return await self._client.send_json(
-            target.auth,
-            target.auth_name,
-            target.mailbox,
-            message_json,
-            save_to_sent_items,
-            client_request_id=target.client_request_id,
-        )
 
 
 async def serve_until_stopped(

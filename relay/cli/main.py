@@ -27,6 +27,7 @@ from relay.config.schema import ClientCertificate, Config
 from relay.core.errors import ConfigError, DeliveryError, PolicyError
 from relay.core.message.prepare import Envelope, TraceInfo, prepare_for_graph
 from relay.core.policy import choose_route
+from relay.core.values import SendTarget
 from relay.ops.logs import setup_logging
 from relay.service import RelayService, serve_until_stopped
 
@@ -270,15 +271,14 @@ async def test_mail(config: Config, sender: str, recipient: str, out: TextIO) ->
         message_id_local=queue_id,
     )
     service = RelayService(config)
-    auth = config.auth_objects[route.auth_object]
+    target = SendTarget(
+        auth_name=route.auth_object,
+        auth=config.auth_objects[route.auth_object],
+        mailbox=route.mailbox,
+        client_request_id=str(uuid.uuid4()),
+    )
     try:
-        result = await service.graph.send_mime(
-            auth,
-            route.auth_object,
-            route.mailbox,
-            prepared.mime,
-            client_request_id=str(uuid.uuid4()),
-        )
+        result = await service.graph.send_mime(target, prepared.mime)
     except DeliveryError as failure:
         out.write(f"FAIL  {failure.describe()}\n")
         if failure.remedy:

@@ -4,32 +4,53 @@ Why this module exists: an app registration can be wrong in a dozen ways (wrong 
 unknown app or tenant, certificate not uploaded, app disabled, bad scope), and each surfaces as an
 `AADSTS<n>` code buried in an MSAL result dict or deep in an exception chain from MSAL or
 `requests`. This module is the one place that reads those codes and turns them into a
-`TransientDeliveryError` (451 4.7.0) carrying the code and the remedy, so `relay.tokens` stays a
-thin I/O shell around MSAL.
+`TransientDeliveryError` (451 4.7.0) carrying the code and the remedy, so `relay.graph.tokens` stays
+a thin I/O shell around MSAL.
 
-It is pure: values in, errors out. Nothing here talks to the network, reads files or logs; the
-`requests` and MSAL exception classes are only inspected, never raised or caught.
+It is pure: values in, errors out. Nothing here talks to the network, reads files or logs, and
+nothing here imports MSAL or `requests`: `relay.graph.tokens` converts their exceptions once, at
+its boundary, into a `TokenFailure` (what kind of failure, and the text of the exception chain),
+and this module maps that value to the error.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import urlparse
-
-import requests
-from msal.exceptions import MsalServiceError
 
 from relay.core.errors import SmtpReply, TransientDeliveryError
 
 __all__ = [
+    "TokenFailure",
+    "TokenFailureKind",
     "aadsts_code",
     "error_from_empty_result",
-    "error_from_exception",
+    "error_from_failure",
     "error_from_result",
     "remedy_for",
 ]
+
+# What went wrong on the way to a token, as `relay.graph.tokens` classifies the exception:
+# tls (certificate not trusted), proxy, timeout, unreachable (any other transport failure),
+# service (Entra answered 5xx), unreadable (an answer MSAL could not read, incl. a refused
+# OpenID discovery), local (ca_file missing or unreadable), other (anything else).
+TokenFailureKind = Literal[
+    "tls", "proxy", "timeout", "unreachable", "service", "unreadable", "local", "other"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenFailure:
+    """A failed token request as a value: its kind, the exception's type name and the text of
+    its whole chain (`str()` of each exception, newest first, joined by " <- ")."""
+
+    kind: TokenFailureKind
+    type_name: str
+    text: str
+
 
 _DESCRIPTION_LIMIT = 300
 
@@ -153,24 +174,17 @@ def error_from_empty_result(*, auth_name: str) -> TransientDeliveryError:
     )
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
-def error_from_exception(
-    exc: BaseException, *, auth_name: str, authority: str, secret: str | None = None
+def error_from_failure(
+    failure: TokenFailure, *, auth_name: str, authority: str, secret: str | None = None
 ) -> TransientDeliveryError:
-    """Convert what MSAL or `requests` raised while talking to the authority into our error."""
+    """Convert a failed request to the authority (classified by relay.graph.tokens) into our
+    error, naming the AADSTS code and the setup step that fixes it when the text has one."""
     host = urlparse(authority).netloc or authority
     where = f"token request for auth object {auth_name!r} to {host}"
+    kind = failure.kind
     # The whole chain is searched (the AADSTS code sits deep in MSAL's __context__); only the
     # message is shortened.
-    full = _one_line(" <- ".join(str(e) for e in _chain(exc)), secret, limit=100_000)
+    full = _one_line(failure.text, secret, limit=100_000)
     text = _one_line(full, limit=_DESCRIPTION_LIMIT)
     net = (
         f"the relay cannot reach {host}: check DNS, the firewall and the proxy "
@@ -184,20 +198,20 @@ def error_from_exception(
             f"{where}: {message}", reply=_reply(code), alert=alert, code=code, remedy=remedy, **kw
         )
 
-    if isinstance(exc, requests.exceptions.SSLError):
+    if kind == "tls":
         return transient(
             f"TLS verification failed: {text}",
             f"{host}'s certificate is not trusted: if a TLS-inspecting proxy is in the way, put "
             "its CA certificate into the auth object's ca_file",
             alert=True,  # does not heal by itself
         )
-    if isinstance(exc, requests.exceptions.ProxyError):
+    if kind == "proxy":
         return transient(f"proxy failed: {text}", net)
-    if isinstance(exc, requests.exceptions.Timeout):
+    if kind == "timeout":
         return transient(f"timed out: {text}", net)
-    if isinstance(exc, requests.exceptions.RequestException):
+    if kind == "unreachable":
         return transient(f"unreachable: {text}", net)
-    if isinstance(exc, MsalServiceError):
+    if kind == "service":
         # MSAL raises this for a 5xx from the token or discovery endpoint ("HTTP Error: 503").
         status = re.search(r"HTTP Error: (\d{3})", full)
         return transient(
@@ -205,7 +219,7 @@ def error_from_exception(
             "Entra is having trouble; nothing to fix unless it persists",
             http_status=int(status.group(1)) if status else None,
         )
-    if isinstance(exc, ValueError):
+    if kind == "unreadable":
         found = _AADSTS_RE.search(full)
         # msal/authority.py: a 4xx from the OpenID discovery document (a tenant Entra does not
         # know answers 400 AADSTS90002) becomes ValueError("Unable to get authority
@@ -226,12 +240,12 @@ def error_from_exception(
             "Entra or a proxy answered something that is not Entra's JSON; nothing to fix "
             "unless it persists (then check the proxy and authority_host)",
         )
-    if isinstance(exc, OSError):  # ca_file missing or unreadable
+    if kind == "local":  # ca_file missing or unreadable
         return transient(
             f"cannot prepare TLS: {text}",
             "check that the auth object's ca_file exists and holds PEM certificates",
             alert=True,
         )
     return transient(
-        f"{type(exc).__name__}: {text}", "see the relay's log; report it if it persists"
+        f"{failure.type_name}: {text}", "see the relay's log; report it if it persists"
     )

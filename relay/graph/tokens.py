@@ -4,9 +4,9 @@ Why this module exists: every Graph call needs a bearer token from Entra's clien
 flow, and everything that can go wrong with an app registration (wrong or expired secret, unknown
 app or tenant, certificate not uploaded, app disabled) surfaces here first. This module is the thin
 I/O shell around MSAL: it runs MSAL, and every failure leaves it as one `TransientDeliveryError`
-(451 4.7.0) built by `relay.aadsts` with the AADSTS code and the setup step that fixes it, so no
-caller ever sees an MSAL, requests or urllib3 exception. It also reads a token's claims for
-`test-auth`.
+(451 4.7.0) built by `relay.graph.aadsts` with the AADSTS code and the setup step that fixes it,
+so no caller ever sees an MSAL, requests or urllib3 exception (`token_failure` is that one
+conversion). `test-auth` reads the token's claims with `relay.graph.claims`.
 
 Theory of operation
 -------------------
@@ -23,7 +23,12 @@ Theory of operation
 - After Graph answers 401, the caller passes the refused token as `stale=`; if it is still the one
   cached, it is dropped (`remove_tokens_for_client`) and a fresh one is acquired. A caller that
   arrives after someone else refreshed simply gets the new token from the cache.
-- MSAL speaks HTTP through `relay.transport.PinnedTrustSession`: the auth object's trust
+- A failed request is remembered per auth object (`relay.graph.token_backoff`): callers that come
+  in during the backoff (1 s doubling to 5 min, or the token endpoint's Retry-After) get the
+  remembered failure without a request, so an Entra outage costs O(log t) requests, not one per
+  delivery attempt. The log says "token requests failing" once, "still failing" at most every
+  5 minutes, and "recovered" when a token comes again; the failures in between are DEBUG.
+- MSAL speaks HTTP through `relay.graph.transport.PinnedTrustSession`: the auth object's trust
   (`ca_file`) and proxy with the same rules as the Graph client, and nothing taken from the
   environment that could override them (REQUESTS_CA_BUNDLE, ~/.netrc).
 """
@@ -31,9 +36,6 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
 import threading
 import time
@@ -46,97 +48,74 @@ from typing import Any
 
 import msal
 import requests
-from msal.exceptions import MsalError
+from msal.exceptions import MsalError, MsalServiceError
 
 from relay.config.schema import AuthObjectConfig, ClientSecret
 from relay.core.errors import TransientDeliveryError
-from relay.graph.aadsts import error_from_empty_result, error_from_exception, error_from_result
+from relay.graph.aadsts import (
+    TokenFailure,
+    TokenFailureKind,
+    error_from_empty_result,
+    error_from_failure,
+    error_from_result,
+)
+from relay.graph.claims import MAIL_SEND_MISSING, TokenCheck, decode_jwt_payload, token_claims
+from relay.graph.errors import parse_retry_after
+from relay.graph.token_backoff import FailureGate
 from relay.graph.transport import PinnedTrustSession, ssl_context_for
 from relay.ops.metrics import NULL_METRICS, MetricsSink
 
 __all__ = [
-    "TokenCheck",
-    "TokenClaims",
     "TokenProvider",
     "TokenStatus",
-    "decode_jwt_payload",
-    "token_claims",
+    "error_from_exception",
+    "token_failure",
 ]
 
 _LOG = logging.getLogger("relay.tokens")
 
-MAIL_SEND_MISSING = (
-    "Mail.Send role missing -> grant the Mail.Send *application* permission (API permissions > "
-    "Add a permission > Microsoft Graph > Application permissions) and grant admin consent"
-)
 # What MSAL and requests raise for network, TLS, HTTP and discovery failures; anything else is a
 # bug and propagates (the SMTP layer answers 451 4.3.0 for it, DESIGN §8).
 _BOUNDARY_ERRORS = (requests.exceptions.RequestException, MsalError, ValueError, OSError)
+# The order matters: requests' exceptions are OSErrors, and its SSLError and ProxyError are
+# ConnectionErrors; the first class that matches decides the kind.
+_KINDS: tuple[tuple[type[BaseException], TokenFailureKind], ...] = (
+    (requests.exceptions.SSLError, "tls"),
+    (requests.exceptions.ProxyError, "proxy"),
+    (requests.exceptions.Timeout, "timeout"),
+    (requests.exceptions.RequestException, "unreachable"),
+    (MsalServiceError, "service"),  # MSAL raises it for a 5xx from the token or discovery endpoint
+    (ValueError, "unreadable"),  # incl. msal/authority.py's "Unable to get authority configuration"
+    (OSError, "local"),  # ca_file missing or unreadable
+)
 
 
-# --- JWT inspection for test-auth ----------------------------------------------------------
+# --- the boundary: MSAL's and requests' exceptions become our values, once --------------
 
 
-def decode_jwt_payload(token: str) -> dict[str, Any]:
-    """The claims of a JWS compact token, WITHOUT verifying its signature (diagnostics only)."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise ValueError("not a signed JWT (expected three dot-separated parts)")
-    segment = parts[1]
-    try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        payload = json.loads(raw)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError("the JWT payload is not base64url-encoded JSON") from exc
-    if not isinstance(payload, dict):
-        raise ValueError("the JWT payload is not a JSON object")
-    return payload
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
 
 
-@dataclass(frozen=True, slots=True)
-class TokenClaims:
-    """What test-auth reports about an access token."""
-
-    roles: tuple[str, ...]
-    tenant_id: str | None
-    app_id: str | None
-    audience: str | None
-    expires_at: datetime | None
-
-    @property
-    def has_mail_send(self) -> bool:
-        return "Mail.Send" in self.roles
+def token_failure(exc: BaseException) -> TokenFailure:
+    """What MSAL or `requests` raised, as a value for relay.graph.aadsts to map."""
+    kind: TokenFailureKind = next((k for t, k in _KINDS if isinstance(exc, t)), "other")
+    text = " <- ".join(str(e) for e in _chain(exc))
+    return TokenFailure(kind=kind, type_name=type(exc).__name__, text=text)
 
 
-def token_claims(payload: Mapping[str, Any]) -> TokenClaims:
-    """Pick the claims we report: roles, tid, appid (v1) or azp (v2), aud, exp."""
-    roles = payload.get("roles")
-    exp = payload.get("exp")
-    app_id = payload.get("appid") or payload.get("azp")
-    return TokenClaims(
-        roles=tuple(str(r) for r in roles) if isinstance(roles, list) else (),
-        tenant_id=str(payload["tid"]) if payload.get("tid") else None,
-        app_id=str(app_id) if app_id else None,
-        audience=str(payload["aud"]) if payload.get("aud") else None,
-        expires_at=datetime.fromtimestamp(exp, UTC) if isinstance(exp, int | float) else None,
+def error_from_exception(
+    exc: BaseException, *, auth_name: str, authority: str, secret: str | None = None
+) -> TransientDeliveryError:
+    """Convert what MSAL or `requests` raised while talking to the authority into our error."""
+    return error_from_failure(
+        token_failure(exc), auth_name=auth_name, authority=authority, secret=secret
     )
-
-
-@dataclass(frozen=True, slots=True)
-class TokenCheck:
-    """The outcome of `TokenProvider.check`: `ok` means a token with the Mail.Send role."""
-
-    auth_name: str
-    token_acquired: bool
-    code: str | None = None
-    description: str = ""
-    remedy: str = ""
-    claims: TokenClaims | None = None
-    problems: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.token_acquired and not self.problems
 
 
 # --- the provider --------------------------------------------------------------------------
@@ -167,6 +146,15 @@ class _State:
     current: str | None = None
     token_requests: int = 0
     status: TokenStatus = field(default_factory=TokenStatus)
+    gate: FailureGate = field(default_factory=FailureGate)
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """What one trip into MSAL came back with, and the Retry-After of a 429/5xx on the way."""
+
+    result: Any  # MSAL's result dict, None, or the TransientDeliveryError made from an exception
+    retry_after: str | None
 
 
 class TokenProvider:
@@ -179,11 +167,15 @@ class TokenProvider:
         timeout: float = 15.0,
         metrics: MetricsSink = NULL_METRICS,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ):
+        """`clock` (wall time) stamps token expiry and the status page; `monotonic` times the
+        backoff after failed token requests (relay.graph.token_backoff)."""
         self._states = {name: _State(auth) for name, auth in auth_objects.items()}
         self._timeout = timeout
         self._metrics = metrics
         self._clock = clock
+        self._monotonic = monotonic
         self._executor: ThreadPoolExecutor | None = None
 
     async def _in_thread(self, call: Callable[[], Any]) -> Any:
@@ -211,16 +203,24 @@ class TokenProvider:
         """A valid access token for auth object `name`.
 
         `stale` is a token Graph refused with 401: if it is still the cached one, it is dropped
-        and a fresh token is fetched. Raises TransientDeliveryError (451 4.7.0) on any failure.
+        and a fresh token is fetched. Raises TransientDeliveryError (451 4.7.0) on any failure;
+        after a failure, callers get it again without a request until the backoff has passed.
         """
         state = self._state(name)
         if stale is None and self._fresh(state):
             # The common case: no lock, no thread hop into MSAL's cache for every message.
             assert state.current is not None
             return state.current
+        self._raise_if_blocked(state)
         async with state.lock:
-            result = await self._in_thread(partial(self._acquire, name, state, stale, False))
-            return self._token_from(name, state, result)
+            self._raise_if_blocked(state)  # the caller before us may just have failed
+            answer = await self._in_thread(partial(self._acquire, name, state, stale, False))
+            return self._token_from(name, state, answer)
+
+    def _raise_if_blocked(self, state: _State) -> None:
+        remembered = state.gate.blocked(self._monotonic())
+        if remembered is not None:
+            raise remembered
 
     def _fresh(self, state: _State) -> bool:
         """The held token has more left than MSAL's own refresh margin (5 minutes)."""
@@ -233,12 +233,14 @@ class TokenProvider:
         )
 
     async def check(self, name: str) -> TokenCheck:
-        """Fetch a fresh token from the identity provider and report what it grants."""
+        """Fetch a fresh token from the identity provider and report what it grants.
+
+        An operator asked: this always makes the request, even during a backoff."""
         state = self._state(name)
         try:
             async with state.lock:
-                result = await self._in_thread(partial(self._acquire, name, state, None, True))
-                token = self._token_from(name, state, result)
+                answer = await self._in_thread(partial(self._acquire, name, state, None, True))
+                token = self._token_from(name, state, answer)
         except TransientDeliveryError as exc:
             return TokenCheck(
                 auth_name=name,
@@ -280,21 +282,26 @@ class TokenProvider:
         except KeyError:
             raise KeyError(f"unknown auth object {name!r}") from None
 
-    def _acquire(self, name: str, state: _State, stale: str | None, fresh: bool) -> Any:
-        """Runs in a worker thread. Returns MSAL's result dict or a TransientDeliveryError."""
+    def _acquire(self, name: str, state: _State, stale: str | None, fresh: bool) -> _Answer:
+        """Runs in a worker thread: MSAL's result dict or a TransientDeliveryError, with the
+        Retry-After the session saw on a 429/5xx answer."""
         auth = state.auth
         with state.thread_lock:
+            if state.session is not None:
+                state.session.retry_after = None
             try:
                 app = state.app
                 if app is None:
                     app = state.app = self._build_app(state)
                 if fresh or (stale is not None and stale == state.current):
                     app.remove_tokens_for_client()
-                return app.acquire_token_for_client(scopes=[auth.effective_scope])
+                result: Any = app.acquire_token_for_client(scopes=[auth.effective_scope])
             except _BOUNDARY_ERRORS as exc:
-                return error_from_exception(
+                result = error_from_exception(
                     exc, auth_name=name, authority=auth.authority_url, secret=_secret_of(auth)
                 )
+            retry_after = state.session.retry_after if state.session is not None else None
+            return _Answer(result, retry_after)
 
     def _build_app(self, state: _State) -> Any:
         auth = state.auth
@@ -323,8 +330,9 @@ class TokenProvider:
             token_cache=msal.TokenCache(),
         )
 
-    def _token_from(self, name: str, state: _State, result: Any) -> str:
+    def _token_from(self, name: str, state: _State, answer: _Answer) -> str:
         secret = _secret_of(state.auth)
+        result = answer.result
         if isinstance(result, TransientDeliveryError):
             error = result
         elif isinstance(result, dict) and isinstance(result.get("access_token"), str):
@@ -344,6 +352,9 @@ class TokenProvider:
                 )
             state.current = token
             state.status = TokenStatus(last_ok=True, last_at=now, expires_at=expires_at)
+            lasted = state.gate.succeeded(self._monotonic())
+            if lasted is not None:
+                _LOG.info("token requests recovered auth_object=%s after %.0fs", name, lasted)
             return token
         elif isinstance(result, dict):
             error = error_from_result(result, auth_name=name, secret=secret)
@@ -353,14 +364,34 @@ class TokenProvider:
         state.status = TokenStatus(
             last_ok=False, last_at=self._clock(), code=error.code, remedy=error.remedy
         )
+        self._report(name, state, error, answer.retry_after)
+        raise error
+
+    def _report(
+        self, name: str, state: _State, error: TransientDeliveryError, retry_after: str | None
+    ) -> None:
+        """Remember the failure for the backoff; log it only when the state changes."""
+        gate = state.gate
+        wall = partial(datetime.fromtimestamp, self._clock(), UTC)
+        report = gate.failed(error, self._monotonic(), parse_retry_after(retry_after, now=wall))
+        level = logging.ERROR if error.alert else logging.WARNING
+        what = f"token requests {report}"
+        if report is None:  # the state did not change: only for debugging
+            level, what = logging.DEBUG, "token request failed"
         _LOG.log(
-            logging.ERROR if error.alert else logging.WARNING,
-            "token request failed auth_object=%s alert=%s %s",
+            level,
+            "%s auth_object=%s alert=%s failures=%d answered_from_backoff=%d "
+            "next_request_in=%.0fs %s",
+            what,
             name,
             error.alert,
+            gate.failures,
+            gate.answered,
+            gate.until - self._monotonic(),
             error.describe(),
         )
-        raise error
+        if report == "still failing":
+            gate.answered = 0
 
 
 def _secret_of(auth: AuthObjectConfig) -> str | None:

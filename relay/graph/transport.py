@@ -76,9 +76,14 @@ class PinnedTrustAdapter(HTTPAdapter):
     def __init__(self, context: ssl.SSLContext) -> None:
         self._context = context
         # One retry on connection errors (nothing was sent yet), as MSAL's own default session.
-        super().__init__(
-            max_retries=Retry(total=1, connect=1, read=0, redirect=0, status=0, other=0)
-        )
+        # Never on an answer: urllib3 would otherwise treat a 503/429 with Retry-After as a
+        # retry it has no budget for and raise MaxRetryError, which hides Entra's answer (and
+        # its Retry-After, which the token provider's backoff honours) behind "unreachable".
+        retry = Retry(
+            total=1, connect=1, read=0, redirect=0, status=0, other=0,
+            respect_retry_after_header=False,
+        )  # fmt: skip
+        super().__init__(max_retries=retry)
 
     def build_connection_pool_key_attributes(
         self,
@@ -108,6 +113,8 @@ class PinnedTrustSession(requests.Session):
         self.mount("https://", PinnedTrustAdapter(context))
         self._proxy = proxy
         self._timeout = timeout
+        # Retry-After of the last 429/5xx answer (the token provider resets it per request).
+        self.retry_after: str | None = None
 
     # `method` is `str | bytes` as in Session.request; everything after `url` is passed through
     # untouched except the `timeout` default and `proxies`, so it need not be spelled out.
@@ -119,4 +126,7 @@ class PinnedTrustSession(requests.Session):
         target = url.decode() if isinstance(url, bytes) else url
         proxy = proxy_for(target, self._proxy)
         kwargs["proxies"] = {"http": proxy, "https": proxy} if proxy else {}
-        return super().request(method, url, *args, **kwargs)
+        response = super().request(method, url, *args, **kwargs)
+        if response.status_code == 429 or response.status_code >= 500:
+            self.retry_after = response.headers.get("Retry-After")
+        return response

@@ -16,7 +16,7 @@ async with Sandbox(state_dir=tmp_path) as sandbox:
     mails = await sandbox.wait_for_mail(1)
 """
 
-from .faults import ABORT, FaultPlan, GraphFault
+from .faults import ABORT, FaultPlan, GraphFault, TokenOutage
 from .graph import MAILBOX_CONCURRENCY, MAX_REQUEST_BYTES
 from .recorder import ReceivedMail, UploadedAttachment
 from .server import Sandbox
@@ -29,5 +29,6 @@ __all__ = [
     "GraphFault",
     "ReceivedMail",
     "Sandbox",
+    "TokenOutage",
     "UploadedAttachment",
 ]

@@ -9,12 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from aiohttp import web
+
 from .access_tokens import AccessTokens
 from .directory import Directory
 from .faults import FaultPlan
 from .recorder import Journal
 
-__all__ = ["Backend"]
+__all__ = ["REQUEST_ID", "Backend"]
+
+# Graph's `request-id` for the request being answered, set by the Sandbox's middleware.
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from email.policy import compat32
 
 from aiohttp import web
 
-from .backend import Backend
+from .backend import REQUEST_ID, Backend
 from .directory import Mailbox
 from .graph import GraphService, fault_error, read_limited
 from .messages import GraphError, check_mime, decode_mime_body
@@ -148,7 +148,7 @@ class DraftService:
         del self.drafts[draft.id]
         mail = ReceivedMail(
             mailbox=draft.mailbox.address,
-            request_id=request["request_id"],
+            request_id=request[REQUEST_ID],
             kind="mime",
             mime=assemble(draft.mime, draft.attachments),
             json_body=None,
@@ -157,6 +157,7 @@ class DraftService:
             save_to_sent_items=True,
             received_at=self._backend.clock(),
             subject=submission.subject,
+            client_request_id=request.headers.get("client-request-id"),
             attachments=tuple(item for item, _ in draft.attachments),
         )
         if self._mail_dir is not None:

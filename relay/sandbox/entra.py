@@ -50,8 +50,11 @@ class EntraService:
 
     async def discovery(self, request: web.Request) -> web.StreamResponse:
         tenant = request.match_info["tenant"]
-        if self._backend.faults.token_down:
-            return _gateway_error(503)
+        self._backend.journal.entra_requests += 1
+        await self._backend.journal.notify()
+        outage = self._outage(request)
+        if outage is not None:
+            return outage
         if not self._backend.directory.has_tenant(tenant):
             return self._error(
                 request,
@@ -95,13 +98,16 @@ class EntraService:
 
     async def keys(self, request: web.Request) -> web.StreamResponse:
         # Sandbox tokens are MACed, not signed, so there is no public key to publish.
-        return web.json_response({"keys": []})
+        self._backend.journal.entra_requests += 1
+        return self._outage(request) or web.json_response({"keys": []})
 
     async def token(self, request: web.Request) -> web.StreamResponse:
         self._backend.journal.token_requests += 1
+        self._backend.journal.entra_requests += 1
         try:
-            if self._backend.faults.token_down:
-                return _gateway_error(503)
+            outage = self._outage(request)
+            if outage is not None:
+                return outage
             status = self._backend.faults.take_token_fault()
             if status is not None:
                 return _gateway_error(status)
@@ -124,6 +130,20 @@ class EntraService:
             )
         finally:
             await self._backend.journal.notify()
+
+    def _outage(self, request: web.Request) -> web.StreamResponse | None:
+        """The answer while Entra is down (FaultPlan.token_endpoint_down), else None."""
+        outage = self._backend.faults.token_outage
+        if outage is None:
+            return None
+        if outage.abort:
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=503)  # never sent: the connection is gone
+        response = _gateway_error(503)
+        if outage.retry_after is not None:
+            response.headers["Retry-After"] = outage.retry_after
+        return response
 
     def _grant(self, request: web.Request, form: Mapping[str, str]) -> str:
         tenant = request.match_info["tenant"]

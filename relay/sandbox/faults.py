@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-__all__ = ["ABORT", "FaultPlan", "GraphFault"]
+__all__ = ["ABORT", "FaultPlan", "GraphFault", "TokenOutage"]
 
 # `fail_graph(status=ABORT)` hangs up the connection without any HTTP response.
 ABORT = 0
@@ -24,6 +24,14 @@ class GraphFault:
     message: str
     retry_after: str | None
     mailbox: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenOutage:
+    """How Entra is down: 503 (with this Retry-After, if any), or connections dropped."""
+
+    retry_after: str | None
+    abort: bool
 
 
 @dataclass(slots=True)
@@ -43,7 +51,7 @@ class FaultPlan:
         self._graph: list[_Queued] = []
         self._token_failures: list[list[int]] = []  # [status, remaining]
         self._latency = 0.0
-        self._token_down = False
+        self._token_outage: TokenOutage | None = None
         self._released = asyncio.Event()
         self._released.set()
         self._upload_puts = 0  # upload-session PUTs seen so far
@@ -107,9 +115,13 @@ class FaultPlan:
             raise ValueError(f"not an HTTP error status: {status}")
         self._token_failures.append([status, times])
 
-    def token_endpoint_down(self, down: bool) -> None:
-        """While down, Entra (discovery and token endpoint) answers 503 to everything."""
-        self._token_down = down
+    def token_endpoint_down(
+        self, down: bool, *, retry_after: str | None = None, abort: bool = False
+    ) -> None:
+        """While down, Entra (discovery and token endpoint) answers 503 to everything, with
+        `Retry-After: retry_after` if given; with `abort` it drops each connection instead of
+        answering, as a host that is gone does (the client sees a connection error)."""
+        self._token_outage = TokenOutage(retry_after, abort) if down else None
 
     def clear(self) -> None:
         """Forget every queued failure, the latency, the hold and the outage."""
@@ -117,7 +129,7 @@ class FaultPlan:
         self._upload_faults.clear()
         self._token_failures.clear()
         self._latency = 0.0
-        self._token_down = False
+        self._token_outage = None
         self._released.set()
 
     # -- consulted by the services -------------------------------------------------------
@@ -128,7 +140,11 @@ class FaultPlan:
 
     @property
     def token_down(self) -> bool:
-        return self._token_down
+        return self._token_outage is not None
+
+    @property
+    def token_outage(self) -> TokenOutage | None:
+        return self._token_outage
 
     async def wait_released(self) -> None:
         await self._released.wait()

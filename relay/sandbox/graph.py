@@ -13,7 +13,7 @@ import datetime
 from aiohttp import web
 
 from .access_tokens import GRAPH_APP_ID, InvalidTokenError, TokenClaims
-from .backend import Backend
+from .backend import REQUEST_ID, Backend
 from .directory import Mailbox
 from .faults import ABORT, GraphFault
 from .messages import GraphError, Submission, parse_json_submission, parse_mime_submission
@@ -111,7 +111,7 @@ class GraphService:
             return self.error_response(request, exc)
         mail = ReceivedMail(
             mailbox=mailbox.address,
-            request_id=request["request_id"],
+            request_id=request[REQUEST_ID],
             kind=submission.kind,
             mime=submission.mime,
             json_body=submission.json_body,
@@ -120,6 +120,7 @@ class GraphService:
             save_to_sent_items=submission.save_to_sent_items,
             received_at=self._backend.clock(),
             subject=submission.subject,
+            client_request_id=request.headers.get("client-request-id"),
         )
         if self._mail_dir is not None:
             await self._mail_dir.add(mail)
@@ -192,7 +193,7 @@ class GraphService:
     def error_response(self, request: web.Request, exc: GraphError) -> web.Response:
         """Graph's error JSON, with innerError carrying the date and request ids."""
         when = datetime.datetime.fromtimestamp(self._backend.clock(), datetime.UTC)
-        request_id = request["request_id"]
+        request_id = request[REQUEST_ID]
         inner = {
             "date": when.strftime("%Y-%m-%dT%H:%M:%S"),
             "request-id": request_id,

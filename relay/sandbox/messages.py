@@ -59,12 +59,12 @@ class Submission:
     """A sendMail request body that passed validation."""
 
     kind: Literal["mime", "json"]
+    subject: str
+    from_address: str
+    recipients: tuple[str, ...]
+    save_to_sent_items: bool
     mime: bytes | None
     json_body: dict[str, Any] | None
-    recipients: tuple[str, ...]
-    from_address: str
-    save_to_sent_items: bool
-    subject: str
 
 
 def decode_mime_body(body: bytes) -> bytes:

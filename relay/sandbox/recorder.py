@@ -54,6 +54,8 @@ class ReceivedMail:
     subject: str = ""
     # Sent as a draft: the attachments that came through upload sessions (also in `mime`).
     attachments: tuple[UploadedAttachment, ...] = ()
+    # The caller's `client-request-id` header of the request that sent it, if it had one.
+    client_request_id: str | None = None
 
 
 class Journal:
@@ -62,6 +64,7 @@ class Journal:
     def __init__(self) -> None:
         self.received: list[ReceivedMail] = []
         self.token_requests = 0
+        self.entra_requests = 0  # discovery, keys and token endpoint together
         self.tokens_issued = 0
         self.graph_requests = 0
         self.graph_statuses: Counter[int] = Counter()

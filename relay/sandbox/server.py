@@ -20,7 +20,7 @@ from typing import Self
 from aiohttp import web
 
 from .access_tokens import GRAPH_APP_ID, GRAPH_RESOURCE, AccessTokens
-from .backend import Backend
+from .backend import REQUEST_ID, Backend
 from .directory import Directory
 from .drafts import DraftService
 from .entra import EntraService
@@ -162,9 +162,9 @@ class Sandbox:
         tenant_id: str,
         client_id: str,
         *,
+        roles: Iterable[str] = ("Mail.Send",),
         secret: str | None = None,
         certificate_pem: bytes | None = None,
-        roles: Iterable[str] = ("Mail.Send",),
     ) -> None:
         """Register an app (creating its tenant if needed) with a secret and/or certificate and
         the application roles admin consent granted it."""
@@ -202,6 +202,11 @@ class Sandbox:
     @property
     def token_requests(self) -> int:
         return self._journal.token_requests
+
+    @property
+    def entra_requests(self) -> int:
+        """Every request that reached Entra: discovery, keys and the token endpoint."""
+        return self._journal.entra_requests
 
     @property
     def tokens_issued(self) -> int:
@@ -254,7 +259,7 @@ class Sandbox:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         request_id = str(uuid.uuid4())
-        request["request_id"] = request_id
+        request[REQUEST_ID] = request_id
         try:
             response = await handler(request)
         except web.HTTPMethodNotAllowed as exc:

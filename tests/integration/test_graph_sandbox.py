@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,8 @@ from relay.core.errors import DeliveryError, PermanentDeliveryError, TransientDe
 from relay.graph.client import GraphClient, SendResult
 from relay.graph.tokens import TokenProvider
 from relay.sandbox import ABORT, Sandbox
-from tests.sandbox_auth import CLIENT, SECRET, TENANT, auth_for
+from tests.conftest import RelayFactory, asmtp_send, message
+from tests.sandbox_auth import CLIENT, SECRET, TENANT, auth_for, target_for
 
 MAILBOX = "scanner@contoso.com"
 
@@ -40,10 +45,8 @@ class Rig:
     graph: GraphClient
 
     async def send(self, mailbox: str = MAILBOX, mime: bytes | None = None) -> Any:
-        return await self.graph.send_mime(
-            self.auth, "contoso", mailbox, _mime() if mime is None else mime,
-            client_request_id="3f2504e0-4f89-11d3-9a0c-0305e82c3301",
-        )  # fmt: skip
+        target = target_for(self.auth, mailbox, "3f2504e0-4f89-11d3-9a0c-0305e82c3301")
+        return await self.graph.send_mime(target, _mime() if mime is None else mime)
 
 
 @asynccontextmanager
@@ -65,7 +68,7 @@ async def _clients(
 async def _send_once(auth: AuthObjectConfig, **timeouts: float) -> SendResult:
     """Send the default message as MAILBOX through clients made for this one call."""
     async with _clients(auth, **timeouts) as (_, graph):
-        return await graph.send_mime(auth, "contoso", MAILBOX, _mime(), client_request_id="c")
+        return await graph.send_mime(target_for(auth), _mime())
 
 
 @pytest.fixture
@@ -236,7 +239,7 @@ async def test_graph_is_untrusted_without_ca_file(rig: Rig, tmp_path: Path) -> N
     bare = auth_for(rig.sandbox, tmp_path, ca_file=None)
     await rig.tokens.get_token("contoso")  # the token provider itself trusts ca_file
     with pytest.raises(TransientDeliveryError) as caught:
-        await rig.graph.send_mime(bare, "contoso", MAILBOX, _mime(), client_request_id="c")
+        await rig.graph.send_mime(target_for(bare), _mime())
     assert caught.value.alert is True
     assert "ca_file" in caught.value.remedy
     assert token_auth.ca_file is not None
@@ -250,7 +253,7 @@ async def test_an_unreachable_graph_is_451_442(rig: Rig, tmp_path: Path) -> None
         port = sock.getsockname()[1]
     dead = auth_for(rig.sandbox, tmp_path, graph_endpoint=f"https://127.0.0.1:{port}")
     with pytest.raises(TransientDeliveryError) as caught:
-        await rig.graph.send_mime(dead, "contoso", MAILBOX, _mime(), client_request_id="c")
+        await rig.graph.send_mime(target_for(dead), _mime())
     assert str(caught.value.reply).startswith("451 4.4.2")
     assert "cannot reach Graph" in caught.value.message
 
@@ -266,7 +269,7 @@ async def test_the_auth_objects_proxy_carries_graph_requests(rig: Rig, tmp_path:
     await rig.tokens.get_token("contoso")
     proxied = auth_for(rig.sandbox, tmp_path, proxy=_dead_proxy())
     with pytest.raises(TransientDeliveryError) as caught:
-        await rig.graph.send_mime(proxied, "contoso", MAILBOX, _mime(), client_request_id="c")
+        await rig.graph.send_mime(target_for(proxied), _mime())
     assert str(caught.value.reply).startswith("451 4.4.2")
     assert rig.sandbox.graph_requests == 0
 
@@ -298,3 +301,63 @@ async def test_a_netrc_default_login_does_not_interfere(
     (tmp_path / ".netrc").write_text(netrc.read_text())
     (tmp_path / ".netrc").chmod(0o600)
     assert (await rig.send()).status == 202
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "reply"),
+    [
+        (404, "MailboxNotEnabledForRESTAPI", 550),
+        (503, "ServiceUnavailable", 451),
+        (ABORT, "", 451),
+    ],
+)
+async def test_one_failed_delivery_is_logged_exactly_once(
+    sandbox: Sandbox,
+    start_relay: RelayFactory,
+    log_records: pytest.LogCaptureFixture,
+    status: int,
+    code: str,
+    reply: int,
+) -> None:
+    """#10: a Graph failure is logged once, by the delivery layer, with its code, request-id
+    and remedy (DESIGN §5); the client does not log it a second time."""
+    relay = await start_relay()  # direct mode: the client waits for Graph's answer
+    sandbox.faults.fail_graph(status, code)
+    outcome = await asmtp_send(relay.listeners[0].port, message())
+    assert outcome.code == reply
+    (record,) = [
+        r for r in log_records.records if r.name.startswith("relay") and r.levelno >= WARNING
+    ]
+    assert record.name == "relay.delivery"
+    assert getattr(record, "event", None) in ("failed", "deferred")
+    assert getattr(record, "remedy", "")
+    if status != ABORT:
+        assert getattr(record, "graph_code", None) == code
+        assert getattr(record, "request_id", None)
+
+
+async def test_an_entra_outage_costs_log_requests_and_logs_failing_once_then_recovered(
+    sandbox: Sandbox, start_relay: RelayFactory, log_records: pytest.LogCaptureFixture
+) -> None:
+    """#11 item 6 through the whole relay: 20 messages during an Entra outage (each an inline
+    attempt, then queue retries) cost O(log t) Entra requests, not one per attempt; the log has
+    one "failing" line; when Entra is back every message goes out and "recovered" is logged."""
+    sandbox.faults.token_endpoint_down(True)
+    began = time.monotonic()
+    relay = await start_relay(
+        delivery="{mode: hybrid, inline_timeout: 5s, spool_dir: spool, "
+        "retry: {first: 200ms, max: 1s, lifetime: 1h}}"
+    )
+    port = relay.listeners[0].port
+    outcomes = await asyncio.gather(
+        *(asmtp_send(port, message(subject=f"Scan {n}")) for n in range(20))
+    )
+    assert all(o.code == 250 and "queued" in o.text for o in outcomes)
+    requests_made, elapsed = sandbox.entra_requests, time.monotonic() - began
+    assert 1 <= requests_made <= 2 + math.log2(1 + elapsed)
+    sandbox.faults.token_endpoint_down(False)
+    await sandbox.wait_for_mail(20, timeout=60)
+    lines = [r.getMessage() for r in log_records.records if r.name == "relay.tokens"]
+    assert len([line for line in lines if line.startswith("token requests failing")]) == 1
+    assert not [line for line in lines if line.startswith("token requests still failing")]
+    assert len([line for line in lines if line.startswith("token requests recovered")]) == 1

@@ -16,11 +16,16 @@ import smtplib
 from collections.abc import AsyncIterator
 from email import message_from_bytes
 from email.policy import compat32
+from pathlib import Path
 
 import aiohttp
 import pytest
 
+from relay.config.schema import AuthObjectConfig
 from relay.core.limits import single_request_limit
+from relay.core.values import SendTarget
+from relay.graph.client import GraphClient
+from relay.graph.tokens import TokenProvider
 from relay.sandbox import Sandbox
 from relay.service import RelayService
 from tests.conftest import CLIENT_ID, MAILBOX, SECRET, TENANT, RelayFactory, asmtp_send
@@ -124,7 +129,6 @@ async def test_a_failed_chunk_is_sent_again_and_the_upload_resumes(
 ) -> None:
     grant_read_write(sandbox)
     relay = await start_relay(delivery=HYBRID, smtp_extra=BIG_SMTP)
-    relay.graph.chunk_retry_delay = 0.01
     sandbox.faults.fail_upload_chunk(2, 503)
     raw, digest = large_message(12 * MB)
     outcome = await asmtp_send(port_of(relay), raw)
@@ -294,3 +298,38 @@ async def test_sandbox_upload_rules(graph: Graph) -> None:
     assert (status, json.loads(text)["nextExpectedRanges"]) == (200, [str(4 * CHUNK)])
     assert (await graph.put(url, 4 * CHUNK, data[4 * CHUNK :], size))[0] == 201
     assert (await graph.put(url, 0, data[:CHUNK], size))[0] == 404  # the session is over
+
+
+async def test_the_pause_before_a_chunk_is_resent_is_the_clients_parameter(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """GraphClient(chunk_retry_delay=..., sleep=...): the pause is injected, never patched."""
+    grant_read_write(sandbox)
+    auth = AuthObjectConfig.model_validate(
+        {
+            "tenant_id": TENANT,
+            "client_id": CLIENT_ID,
+            "client_secret": SECRET,
+            "authority_host": sandbox.authority_host,
+            "graph_endpoint": sandbox.graph_endpoint,
+            "ca_file": str(sandbox.ca_file),
+        },
+        context={"environ": {}, "base_dir": tmp_path},
+    )
+    pauses: list[float] = []
+
+    async def record(seconds: float) -> None:
+        pauses.append(seconds)
+
+    tokens = TokenProvider({"contoso": auth})
+    graph = GraphClient(tokens, chunk_retry_delay=7.0, sleep=record)
+    sandbox.faults.fail_upload_chunk(2, 503)
+    raw, digest = large_message(8 * MB)
+    target = SendTarget(auth_name="contoso", auth=auth, mailbox=MAILBOX, client_request_id="c")
+    try:
+        assert (await graph.send_large_mime(target, raw)).status == 202
+    finally:
+        await graph.close()
+        tokens.close()
+    assert pauses == [7.0]
+    assert sandbox.received[0].attachments[0].sha256 == digest

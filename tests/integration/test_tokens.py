@@ -68,6 +68,19 @@ def provider(
     return providers(auth_for(sandbox, tmp_path))
 
 
+class Ticks:
+    """A monotonic clock that only the test moves (the token backoff reads it)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -208,9 +221,12 @@ async def test_a_certificate_not_uploaded_to_the_app_is_aadsts700027(
 
 
 async def test_an_entra_outage_is_transient_without_alert_and_recovers(
-    sandbox: Sandbox, provider: TokenProvider
+    sandbox: Sandbox, providers: Callable[..., TokenProvider], tmp_path: Path
 ) -> None:
-    """Discovery and token endpoint answer 503: retry later; once Entra is back, it works."""
+    """Discovery and token endpoint answer 503: retry later; once Entra is back (and the
+    first backoff second has passed), it works."""
+    ticks = Ticks()
+    provider = providers(auth_for(sandbox, tmp_path), monotonic=ticks)
     sandbox.faults.token_endpoint_down(True)
     with pytest.raises(TransientDeliveryError) as caught:
         await provider.get_token("contoso")
@@ -218,6 +234,7 @@ async def test_an_entra_outage_is_transient_without_alert_and_recovers(
     assert caught.value.alert is False
     assert caught.value.http_status == 503
     sandbox.faults.token_endpoint_down(False)
+    ticks.advance(1.0)
     assert await provider.get_token("contoso")
 
 
@@ -372,3 +389,130 @@ async def test_an_unknown_auth_object_name_is_a_key_error(provider: TokenProvide
     """Routes are validated against auth_objects, so an unknown name is a programming error."""
     with pytest.raises(KeyError, match="nope"):
         await provider.get_token("nope")
+
+
+# --- #11 item 6: no token storms during an Entra outage -------------------------------------
+
+
+async def _fails(provider: TokenProvider) -> TransientDeliveryError:
+    with pytest.raises(TransientDeliveryError) as caught:
+        await provider.get_token("contoso")
+    return caught.value
+
+
+@pytest.fixture
+def ticks() -> Ticks:
+    return Ticks()
+
+
+@pytest.fixture
+def backed_off(
+    sandbox: Sandbox, providers: Callable[..., TokenProvider], tmp_path: Path, ticks: Ticks
+) -> TokenProvider:
+    """The default provider, with the backoff timed by `ticks`."""
+    return providers(auth_for(sandbox, tmp_path), monotonic=ticks)
+
+
+async def test_callers_during_the_backoff_get_the_remembered_failure_without_a_request(
+    sandbox: Sandbox, backed_off: TokenProvider, ticks: Ticks
+) -> None:
+    """After a failed request, the next second's 50 callers are answered from memory; the
+    failure they get says how long is left, for the queue's scheduler."""
+    sandbox.faults.token_endpoint_down(True)
+    await _fails(backed_off)
+    asked = sandbox.entra_requests
+    outcomes = await asyncio.gather(
+        *(backed_off.get_token("contoso") for _ in range(50)), return_exceptions=True
+    )
+    assert all(isinstance(o, TransientDeliveryError) for o in outcomes)
+    assert sandbox.entra_requests == asked
+    remembered = outcomes[0]
+    assert isinstance(remembered, TransientDeliveryError)
+    assert str(remembered.reply).startswith("451 4.7.0")
+    assert remembered.retry_after == pytest.approx(1.0)
+    ticks.advance(1.0)
+    await _fails(backed_off)
+    assert sandbox.entra_requests > asked
+
+
+async def test_the_backoff_doubles_with_each_failed_request(
+    sandbox: Sandbox, backed_off: TokenProvider, ticks: Ticks
+) -> None:
+    """1 s, 2 s, 4 s ...: one minute of an outage costs about log2(60) requests, not one per
+    delivery attempt."""
+    sandbox.faults.token_endpoint_down(True)
+    requests_made = 0
+    for _ in range(600):  # an attempt every 0.1 s for a minute
+        before = sandbox.entra_requests
+        await _fails(backed_off)
+        requests_made += sandbox.entra_requests > before
+        ticks.advance(0.1)
+    assert 5 <= requests_made <= 7
+
+
+async def test_retry_after_from_the_token_endpoint_is_honoured(
+    sandbox: Sandbox, backed_off: TokenProvider, ticks: Ticks
+) -> None:
+    """Entra's 503 with Retry-After: 30 keeps everyone from asking for 30 s, not 1 s."""
+    sandbox.faults.token_endpoint_down(True, retry_after="30")
+    assert (await _fails(backed_off)).retry_after is None  # the request's own failure
+    asked = sandbox.entra_requests
+    ticks.advance(29.0)
+    assert (await _fails(backed_off)).retry_after == pytest.approx(1.0)
+    assert sandbox.entra_requests == asked
+    ticks.advance(1.0)
+    await _fails(backed_off)
+    assert sandbox.entra_requests > asked
+
+
+async def test_a_dropped_connection_outage_is_remembered_like_a_503(
+    sandbox: Sandbox, backed_off: TokenProvider, ticks: Ticks
+) -> None:
+    """Entra's host gone (connections dropped without an answer): 451 4.7.0 naming the network,
+    and the same backoff."""
+    sandbox.faults.token_endpoint_down(True, abort=True)
+    failure = await _fails(backed_off)
+    assert "cannot reach" in failure.remedy
+    asked = sandbox.entra_requests
+    await _fails(backed_off)
+    assert sandbox.entra_requests == asked
+
+
+async def test_an_outage_is_logged_once_as_failing_then_every_5_minutes_then_recovered(
+    sandbox: Sandbox,
+    backed_off: TokenProvider,
+    ticks: Ticks,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One line per state change: failing, still failing (at most every 5 min), recovered;
+    the failures in between are DEBUG only."""
+    caplog.set_level(logging.INFO, logger="relay.tokens")
+    sandbox.faults.token_endpoint_down(True)
+    for _ in range(40):  # 4 minutes, an attempt every 6 s
+        await _fails(backed_off)
+        ticks.advance(6.0)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1
+    assert lines[0].startswith("token requests failing auth_object=contoso")
+    ticks.advance(300.0)
+    await _fails(backed_off)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 2
+    assert lines[1].startswith("token requests still failing auth_object=contoso")
+    sandbox.faults.token_endpoint_down(False)
+    ticks.advance(300.0)
+    assert await backed_off.get_token("contoso")
+    (recovered,) = [r for r in caplog.records if "recovered" in r.getMessage()]
+    assert recovered.levelno == logging.INFO
+
+
+async def test_test_auth_asks_even_during_the_backoff(
+    sandbox: Sandbox, backed_off: TokenProvider
+) -> None:
+    """`check` is an operator pressing "test": it always makes the request, and a success
+    ends the failing state for everyone."""
+    sandbox.faults.token_endpoint_down(True)
+    await _fails(backed_off)
+    sandbox.faults.token_endpoint_down(False)
+    assert (await backed_off.check("contoso")).ok
+    assert await backed_off.get_token("contoso")

@@ -1,236 +1,176 @@
-"""GraphClient's HTTP behaviour, with Graph simulated by aioresponses (no network)."""
+"""GraphClient's own HTTP behaviour, against the sandbox's Graph over real TLS (no mocks).
+
+The answer-to-error table itself is tests/unit/test_graph_errors.py (pure); the end-to-end error
+cases (throttling, 401s, unknown mailboxes, proxies) are tests/integration/test_graph_sandbox.py.
+Here: what the client puts on the wire, the boundary where aiohttp's exceptions end, and that the
+client leaves the logging of a failure to the delivery layer.
+"""
 
 from __future__ import annotations
 
-import base64
 import logging
-from collections.abc import AsyncIterator, Iterator
+import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-from aioresponses import aioresponses
-from yarl import URL
 
-from relay.config.schema import AuthObjectConfig
 from relay.core.errors import PermanentDeliveryError, TransientDeliveryError
-from relay.graph.client import GraphClient
+from relay.graph.client import GraphClient, network_error
+from relay.graph.tokens import TokenProvider
+from relay.sandbox import ABORT, Sandbox
+from tests.sandbox_auth import CLIENT, MAILBOX, SECRET, TENANT, auth_for, target_for
 
-GRAPH = "https://graph.example.test"
-MIME = b"From: a@contoso.com\r\nTo: b@contoso.com\r\nSubject: hi\r\n\r\nbody\r\n"
-
-
-class FakeTokens:
-    """An honest TokenSource: numbered tokens; a `stale` current token moves to the next one."""
-
-    def __init__(self) -> None:
-        self.generation = 1
-        self.calls: list[tuple[str, str | None]] = []
-
-    async def get_token(self, name: str, *, stale: str | None = None) -> str:
-        self.calls.append((name, stale))
-        if stale is not None and stale == f"token-{self.generation}":
-            self.generation += 1
-        return f"token-{self.generation}"
-
-
-def _auth(tmp_path: Path, **extra: Any) -> AuthObjectConfig:
-    return AuthObjectConfig.model_validate(
-        {
-            "tenant_id": "00000000-0000-0000-0000-00000000000a",
-            "client_id": "00000000-0000-0000-0000-00000000000b",
-            "client_secret": "not-used-here",
-            "authority_host": "https://login.example.test",
-            "graph_endpoint": GRAPH,
-            **extra,
-        },
-        context={"environ": {}, "base_dir": tmp_path},
-    )
-
-
-def _url(mailbox: str) -> str:
-    return f"{GRAPH}/v1.0/users/{mailbox}/sendMail"
+MIME = b"From: scanner@contoso.com\r\nTo: b@contoso.com\r\nSubject: hi\r\n\r\nbody\r\n"
+GUEST = "alice/ops#EXT#?x=1@contoso.com"
 
 
 @pytest.fixture
-def tokens() -> FakeTokens:
-    return FakeTokens()
+async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    async with Sandbox(state_dir=tmp_path / "sandbox") as sb:
+        sb.add_app(TENANT, CLIENT, secret=SECRET)
+        sb.add_mailbox(MAILBOX)
+        yield sb
 
 
 @pytest.fixture
-async def client(tokens: FakeTokens) -> AsyncIterator[GraphClient]:
+async def tokens(sandbox: Sandbox, tmp_path: Path) -> AsyncIterator[TokenProvider]:
+    provider = TokenProvider({"contoso": auth_for(sandbox, tmp_path)})
+    yield provider
+    provider.close()
+
+
+@pytest.fixture
+async def client(tokens: TokenProvider) -> AsyncIterator[GraphClient]:
     graph = GraphClient(tokens, timeout=5.0, connect_timeout=2.0)
-    await graph.start()
     yield graph
     await graph.close()
 
 
-@pytest.fixture
-def graph() -> Iterator[aioresponses]:
-    with aioresponses() as mocked:
-        yield mocked
-
-
-def _sent(graph: aioresponses, url: str) -> list[Any]:
-    return list(graph.requests[("POST", URL(url, encoded=True))])
-
-
-async def test_a_message_is_posted_as_base64_text_with_token_and_request_id(
-    client: GraphClient, graph: aioresponses, tmp_path: Path
+async def test_the_message_arrives_byte_for_byte_with_the_client_request_id(
+    client: GraphClient, sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    """user-sendmail.md: POST /users/{upn}/sendMail, text/plain, base64 MIME; 202 is success."""
-    url = _url("scanner@contoso.com")
-    graph.post(url, status=202, headers={"request-id": "rid-1"})
-    result = await client.send_mime(
-        _auth(tmp_path), "contoso", "scanner@contoso.com", MIME, client_request_id="crid-1"
-    )
-    assert result.status == 202
-    assert result.request_id == "rid-1"
+    """user-sendmail.md: base64 MIME as text/plain; 202 carries Graph's request-id, and Graph
+    sees the caller's client-request-id (for a support case with Microsoft)."""
+    target = target_for(auth_for(sandbox, tmp_path), client_request_id="crid-1")
+    result = await client.send_mime(target, MIME)
+    (mail,) = sandbox.received
+    assert (result.status, mail.mime, mail.kind) == (202, MIME, "mime")
+    assert result.request_id == mail.request_id
+    assert mail.client_request_id == "crid-1"
     assert result.duration >= 0
-    (call,) = _sent(graph, url)
-    headers = call.kwargs["headers"]
-    assert headers["Authorization"] == "Bearer token-1"
-    assert headers["Content-Type"] == "text/plain"
-    assert headers["client-request-id"] == "crid-1"
-    body = call.kwargs["data"].getvalue()
-    assert b"\n" not in body
-    assert base64.b64decode(body, validate=True) == MIME
-    assert call.kwargs["allow_redirects"] is False
 
 
 async def test_the_mailbox_is_quoted_into_one_path_segment(
-    client: GraphClient, graph: aioresponses, tmp_path: Path
+    client: GraphClient, sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    """Characters such as '/', '#', '?' and spaces cannot escape the users/{id} segment."""
-    url = f"{GRAPH}/v1.0/users/odd%2Fname%23EXT%23%3Fx%20y@contoso.com/sendMail"
-    graph.post(url, status=202)
-    await client.send_mime(
-        _auth(tmp_path), "contoso", "odd/name#EXT#?x y@contoso.com", MIME, client_request_id="c"
-    )
-    assert len(_sent(graph, url)) == 1
+    """'/', '#' and '?' (guest UPNs have #EXT#) cannot escape the users/{id} segment."""
+    sandbox.add_mailbox(GUEST, send_as=[MAILBOX])
+    await client.send_mime(target_for(auth_for(sandbox, tmp_path), GUEST), MIME)
+    (mail,) = sandbox.received
+    assert mail.mailbox == GUEST.lower()
 
 
-async def test_a_401_is_retried_once_with_a_fresh_token(
-    client: GraphClient, graph: aioresponses, tokens: FakeTokens, tmp_path: Path
+async def test_the_json_form_says_save_to_sent_items_only_when_false(
+    client: GraphClient, sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    """Graph's 401 makes the client drop the refused token (stale=) and try once more."""
-    url = _url("a@contoso.com")
-    graph.post(url, status=401, body=b'{"error":{"code":"InvalidAuthenticationToken"}}')
-    graph.post(url, status=202)
-    result = await client.send_mime(
-        _auth(tmp_path), "contoso", "a@contoso.com", MIME, client_request_id="c"
-    )
-    assert result.status == 202
-    assert tokens.calls == [("contoso", None), ("contoso", "token-1")]
-    first, second = _sent(graph, url)
-    assert first.kwargs["headers"]["Authorization"] == "Bearer token-1"
-    assert second.kwargs["headers"]["Authorization"] == "Bearer token-2"
+    """user-sendmail.md: saveToSentItems defaults to true; the client writes it only as false."""
+    message = {
+        "subject": "hi",
+        "body": {"contentType": "Text", "content": "body"},
+        "toRecipients": [{"emailAddress": {"address": "b@contoso.com"}}],
+    }
+    target = target_for(auth_for(sandbox, tmp_path))
+    await client.send_json(target, message, save_to_sent_items=True)
+    await client.send_json(target, message, save_to_sent_items=False)
+    kept, dropped = sandbox.received
+    assert (kept.kind, kept.save_to_sent_items) == ("json", True)
+    assert kept.json_body is not None
+    assert "saveToSentItems" not in kept.json_body
+    assert dropped.save_to_sent_items is False
 
 
-async def test_a_second_401_is_a_transient_470_with_a_remedy(
-    client: GraphClient, graph: aioresponses, tokens: FakeTokens, tmp_path: Path
+async def test_a_failed_send_is_raised_and_not_logged_by_the_client(
+    client: GraphClient, sandbox: Sandbox, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Two 401s in a row: 451 4.7.0, retried later by the queue, not a third time now."""
-    url = _url("a@contoso.com")
-    graph.post(url, status=401, repeat=True)
+    """The delivery layer logs each outcome once; the client only raises (with code,
+    request-id and remedy for that one log line)."""
+    sandbox.add_mailbox("old@contoso.com", licensed=False)
+    caplog.set_level(logging.DEBUG, logger="relay.graph")
+    with pytest.raises(PermanentDeliveryError) as caught:
+        await client.send_mime(target_for(auth_for(sandbox, tmp_path), "old@contoso.com"), MIME)
+    failure = caught.value
+    assert str(failure.reply).startswith("550 5.1.1")
+    assert failure.code == "MailboxNotEnabledForRESTAPI"
+    assert failure.request_id
+    assert "licence" in failure.remedy
+    assert [r for r in caplog.records if r.name == "relay.graph"] == []
+
+
+async def test_a_network_failure_is_raised_and_not_logged_by_the_client(
+    client: GraphClient, sandbox: Sandbox, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dropped connection is 451 4.4.2 with the aiohttp error only as its cause."""
+    sandbox.faults.fail_graph(ABORT)
+    caplog.set_level(logging.DEBUG, logger="relay.graph")
     with pytest.raises(TransientDeliveryError) as caught:
-        await client.send_mime(
-            _auth(tmp_path), "contoso", "a@contoso.com", MIME, client_request_id="c"
-        )
-    assert (caught.value.reply.code, caught.value.reply.status) == (451, "4.7.0")
-    assert caught.value.http_status == 401
-    assert caught.value.remedy
-    assert len(_sent(graph, url)) == 2
-    assert len(tokens.calls) == 2
-
-
-async def test_a_permanent_graph_error_is_raised_and_logged_with_its_remedy(
-    client: GraphClient, graph: aioresponses, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A 404 MailboxNotEnabledForRESTAPI is 550 5.1.1, logged with code, request-id, remedy."""
-    url = _url("a@contoso.com")
-    graph.post(
-        url,
-        status=404,
-        headers={"request-id": "rid-404"},
-        body=b'{"error":{"code":"MailboxNotEnabledForRESTAPI","message":"REST API is not yet '
-        b'supported for this mailbox."}}',
-    )
-    with (
-        caplog.at_level(logging.WARNING, logger="relay.graph"),
-        pytest.raises(PermanentDeliveryError) as caught,
-    ):
-        await client.send_mime(
-            _auth(tmp_path), "contoso", "a@contoso.com", MIME, client_request_id="c"
-        )
-    assert str(caught.value.reply).startswith("550 5.1.1")
-    (record,) = [r for r in caplog.records if r.name == "relay.graph"]
-    line = record.getMessage()
-    for part in ("MailboxNotEnabledForRESTAPI", "rid-404", "licence", "a@contoso.com"):
-        assert part in line
-    assert "token-1" not in line
+        await client.send_mime(target_for(auth_for(sandbox, tmp_path)), MIME)
+    assert str(caught.value.reply).startswith("451 4.4.2")
+    assert isinstance(caught.value.__cause__, aiohttp.ClientError)
+    assert [r for r in caplog.records if r.name == "relay.graph"] == []
 
 
 @pytest.mark.parametrize(
-    "exc",
+    ("exc", "kind_words", "alert"),
     [
-        aiohttp.ClientConnectionError("connection refused"),
-        aiohttp.ServerDisconnectedError(),
-        TimeoutError(),  # what aiohttp raises when ClientTimeout.total expires
-        aiohttp.ConnectionTimeoutError("connect timed out"),
+        (aiohttp.ClientConnectionError("connection refused"), "cannot reach Graph", False),
+        (aiohttp.ServerDisconnectedError(), "cannot reach Graph", False),
+        (TimeoutError(), "did not answer within 5s", False),
+        (aiohttp.ConnectionTimeoutError("connect timed out"), "did not answer within", False),
+        (ssl.SSLCertVerificationError("self-signed"), "TLS verification", True),
+        (ssl.SSLError("bad record mac"), "TLS with Graph failed", False),
     ],
 )
-async def test_network_failures_become_transient_442_without_aiohttp_leaking(
-    client: GraphClient, graph: aioresponses, tmp_path: Path, exc: BaseException
+def test_each_network_exception_becomes_a_transient_442(
+    exc: BaseException, kind_words: str, alert: bool
 ) -> None:
-    """Connection errors and timeouts are 451 4.4.2; the aiohttp error is only the cause."""
-    graph.post(_url("a@contoso.com"), exception=exc)
-    with pytest.raises(TransientDeliveryError) as caught:
-        await client.send_mime(
-            _auth(tmp_path), "contoso", "a@contoso.com", MIME, client_request_id="c"
-        )
-    assert (caught.value.reply.code, caught.value.reply.status) == (451, "4.4.2")
-    assert caught.value.__cause__ is exc
-    assert caught.value.remedy
-
-
-async def test_a_throttled_answer_carries_retry_after(
-    client: GraphClient, graph: aioresponses, tmp_path: Path
-) -> None:
-    """429 + Retry-After: 451 4.4.2 with the delay for the scheduler."""
-    graph.post(_url("a@contoso.com"), status=429, headers={"Retry-After": "17"})
-    with pytest.raises(TransientDeliveryError) as caught:
-        await client.send_mime(
-            _auth(tmp_path), "contoso", "a@contoso.com", MIME, client_request_id="c"
-        )
-    assert caught.value.retry_after == 17.0
+    """The boundary's classification of what aiohttp/asyncio/ssl raise: all 451 4.4.2 with a
+    remedy; only an untrusted certificate is an alert (it does not heal by itself)."""
+    error = network_error(exc, timeout=5.0)
+    assert (error.reply.code, error.reply.status) == (451, "4.4.2")
+    assert kind_words in error.message
+    assert error.alert is alert
+    assert error.remedy
 
 
 async def test_a_missing_ca_file_is_a_transient_alert_naming_it(
-    client: GraphClient, graph: aioresponses, tmp_path: Path
+    client: GraphClient, sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    """A ca_file that cannot be loaded fails the send (retryable) and says which file."""
+    """A ca_file that cannot be loaded fails the send (retryable) and says which file; Graph
+    is not asked."""
     ca_file = tmp_path / "missing-ca.pem"
-    ca_file.write_text("present at load time, deleted before the send\n")
-    auth = _auth(tmp_path, ca_file=str(ca_file))
+    ca_file.write_bytes(sandbox.ca_file.read_bytes())
+    auth = auth_for(sandbox, tmp_path, ca_file=str(ca_file))
     ca_file.unlink()
     with pytest.raises(TransientDeliveryError) as caught:
-        await client.send_mime(auth, "contoso", "a@contoso.com", MIME, client_request_id="c")
+        await client.send_mime(target_for(auth), MIME)
     assert caught.value.alert is True
     assert "missing-ca.pem" in caught.value.message
     assert "ca_file" in caught.value.remedy
+    assert sandbox.graph_requests == 0
 
 
-async def test_the_session_is_created_on_first_use_and_closed(
-    tokens: FakeTokens, tmp_path: Path
+async def test_the_session_is_created_on_first_use_and_close_is_idempotent(
+    tokens: TokenProvider, sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    """send_mime works without start(); close() is idempotent."""
+    """send_mime works without start(); close() may be called twice; a closed client starts
+    a new session when used again."""
     client = GraphClient(tokens)
-    with aioresponses() as graph:
-        graph.post(_url("a@contoso.com"), status=202)
-        await client.send_mime(
-            _auth(tmp_path), "contoso", "a@contoso.com", MIME, client_request_id="c"
-        )
+    target = target_for(auth_for(sandbox, tmp_path))
+    await client.send_mime(target, MIME)
     await client.close()
     await client.close()
+    await client.send_mime(target, MIME)
+    await client.close()
+    assert len(sandbox.received) == 2

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import pytest
 
 from relay.core.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
-from relay.graph.client import error_from_response, parse_graph_error, parse_retry_after
+from relay.graph.errors import error_from_response, parse_graph_error, parse_retry_after
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 REQUEST_ID = "0f3a1c2e-1111-2222-3333-444455556666"
@@ -185,3 +187,19 @@ def test_an_unexpected_success_status_is_not_treated_as_delivered() -> None:
         error = _map(status)
         assert isinstance(error, TransientDeliveryError)
         assert error.reply.status == "4.4.2"
+
+
+def test_the_graph_knowledge_modules_import_no_http_library() -> None:
+    """#10: the error mapping, the AADSTS knowledge, the token backoff and the JWT reading are
+    pure; only relay.graph.client and relay.graph.tokens talk HTTP (aiohttp, MSAL, requests)."""
+    code = (
+        "import sys\n"
+        "import relay.graph.errors, relay.graph.aadsts, relay.graph.token_backoff\n"
+        "import relay.graph.claims\n"
+        "print(sorted(m for m in ('aiohttp', 'yarl', 'msal', 'requests', 'urllib3', 'asyncio',"
+        " 'ssl') if m in sys.modules))\n"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert found.stdout.strip() == "[]"

@@ -1,5 +1,6 @@
-"""The pure parts of the token path: AADSTS remedies and error conversion (relay.aadsts), JWT
-payload decoding (relay.tokens), trust and proxy rules (relay.transport)."""
+"""The pure parts of the token path: AADSTS remedies and error conversion (relay.graph.aadsts),
+JWT payload decoding (relay.graph.claims), the backoff after failed token requests
+(relay.graph.token_backoff), trust and proxy rules (relay.graph.transport)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import requests
 from msal.exceptions import MsalServiceError
 
 from relay.core.errors import TransientDeliveryError
-from relay.graph.aadsts import aadsts_code, error_from_exception, error_from_result, remedy_for
-from relay.graph.tokens import MAIL_SEND_MISSING, decode_jwt_payload, token_claims
+from relay.graph.aadsts import aadsts_code, error_from_result, remedy_for
+from relay.graph.claims import MAIL_SEND_MISSING, decode_jwt_payload, token_claims
+from relay.graph.token_backoff import FailureGate
+from relay.graph.tokens import error_from_exception
 from relay.graph.transport import proxy_for, ssl_context_for
 from tests.certificates import self_signed
 
@@ -246,3 +249,59 @@ def test_the_environment_proxy_follows_https_proxy_and_no_proxy(
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
     assert proxy_for("https://graph.example.test/v1.0/users", None) == expected
+
+
+# --- the backoff after failed token requests (relay.graph.token_backoff) -----------------
+
+
+def _outage(code: str = "temporarily_unavailable") -> TransientDeliveryError:
+    return TransientDeliveryError("Entra is away", code=code, remedy="wait")
+
+
+def test_the_backoff_doubles_from_one_second_up_to_five_minutes() -> None:
+    """1, 2, 4 ... 256, then 300 s for as long as the failures go on."""
+    gate = FailureGate()
+    waits = []
+    for _ in range(12):
+        gate.failed(_outage(), now=0.0)
+        waits.append(gate.until)
+    assert waits == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]
+
+
+def test_retry_after_lengthens_the_wait_but_never_past_five_minutes() -> None:
+    gate = FailureGate()
+    gate.failed(_outage(), now=0.0, retry_after=30.0)
+    assert gate.until == 30.0
+    gate.failed(_outage(), now=0.0, retry_after=86400.0)
+    assert gate.until == 300.0
+    gate.failed(_outage(), now=0.0, retry_after=0.5)  # shorter than the backoff: backoff wins
+    assert gate.until == 4.0
+
+
+def test_callers_in_the_window_get_a_copy_of_the_failure_with_the_wait_left() -> None:
+    gate = FailureGate()
+    original = _outage()
+    gate.failed(original, now=10.0)
+    copy = gate.blocked(10.25)
+    assert copy is not None
+    assert copy is not original  # raising one instance from many tasks would chain tracebacks
+    assert (copy.code, copy.remedy, copy.reply) == (original.code, original.remedy, original.reply)
+    assert copy.retry_after == 0.75
+    assert "remembered" in copy.message
+    assert gate.blocked(11.0) is None  # the window is over: the next caller asks
+
+
+def test_reports_come_once_per_state_change() -> None:
+    """failing once; still failing at most every 5 minutes; another code is a new failing;
+    a success after failures returns how long they lasted, and only once."""
+    gate = FailureGate()
+    assert gate.succeeded(now=0.0) is None
+    assert gate.failed(_outage(), now=0.0) == "failing"
+    assert gate.failed(_outage(), now=100.0) is None
+    assert gate.failed(_outage(), now=299.0) is None
+    assert gate.failed(_outage(), now=300.0) == "still failing"
+    assert gate.failed(_outage(), now=400.0) is None
+    assert gate.failed(_outage("AADSTS7000215"), now=401.0) == "failing"
+    assert gate.succeeded(now=500.0) == 500.0
+    assert gate.succeeded(now=501.0) is None
+    assert gate.blocked(501.0) is None
