@@ -16,8 +16,11 @@ import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from relay.ops.admin import AdminServer
+from relay.ops.metrics import RelayMetrics
 from relay.sandbox import Sandbox
 from relay.service import RelayService
 from relay.store.files.store import FileStore
@@ -87,6 +90,23 @@ async def send(relay: RelayService, count: int) -> list[str]:
     return ids
 
 
+async def admin_of(relay: RelayService) -> AdminServer:
+    """The relay's /healthz and /readyz, as `serve` wires them."""
+    admin = AdminServer(
+        relay.current_config().admin, metrics=RelayMetrics(), health=relay.health_sources()
+    )
+    await admin.start()
+    return admin
+
+
+async def get(admin: AdminServer, path: str) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{admin.port}{path}") as response,
+    ):
+        return response.status, await response.text()
+
+
 def fill(disk: Path) -> Path:
     """Write a file until the kernel says ENOSPC; delete it to free the disk."""
     filler = disk / "filler"
@@ -105,6 +125,7 @@ async def test_a_full_disk_while_graph_answers_503_strands_nothing(
     are deferred within one rescan (no restart, no crash counted) and then delivered once."""
     relay = relay_on(sandbox, tmpfs, tmp_path)
     await relay.start()
+    admin = await admin_of(relay)
     try:
         sandbox.faults.hold_graph()
         ids = await send(relay, 8)
@@ -114,6 +135,9 @@ async def test_a_full_disk_while_graph_answers_503_strands_nothing(
         sandbox.faults.release_graph()
         health = relay.health_sources()
         await until(lambda: list(health.degraded()) == ["outcomes not recorded: 8"])
+        _, text = await get(admin, "/healthz")
+        assert "degraded: outcomes not recorded: 8" in text  # beside "free space is below..."
+        assert (await get(admin, "/readyz"))[0] == 503
         assert sandbox.graph_requests == 8
         assert (await store_of(relay).stats(0)).active == 8
         filler.unlink()
@@ -128,7 +152,9 @@ async def test_a_full_disk_while_graph_answers_503_strands_nothing(
         assert sorted(m.subject for m in mails) == sorted(f"disk {n}" for n in range(8))
         await until(lambda: relay.delivery.in_flight == 0)
         assert sandbox.graph_requests == 16
+        assert await get(admin, "/readyz") == (200, "ok\n")
     finally:
+        await admin.stop()
         await relay.stop()
 
 
@@ -140,6 +166,7 @@ async def test_a_read_only_disk_mid_delivery_sends_nothing_twice(
     finds nothing to send again."""
     relay = relay_on(sandbox, tmpfs, tmp_path)
     await relay.start()
+    admin = await admin_of(relay)
     try:
         sandbox.faults.hold_graph()
         await send(relay, 4)
@@ -151,12 +178,16 @@ async def test_a_read_only_disk_mid_delivery_sends_nothing_twice(
         await sandbox.wait_for_mail(4)
         health = relay.health_sources()
         await until(lambda: list(health.degraded()) == ["outcomes not recorded: 4"])
+        assert "degraded: outcomes not recorded: 4" in (await get(admin, "/healthz"))[1]
+        assert (await get(admin, "/readyz"))[0] == 503
         assert (await store_of(relay).stats(0)).active == 4
         assert _run("mount", "-o", "remount,rw", str(tmpfs)).returncode == 0
         await until(lambda: not list(health.degraded()), within=RESCAN + 1.0)
         stats = await store_of(relay).stats(0)
         assert (stats.queued, stats.active) == (0, 0)
+        assert await get(admin, "/readyz") == (200, "ok\n")
     finally:
+        await admin.stop()
         await relay.stop()
     again = relay_on(sandbox, tmpfs, tmp_path)
     await again.start()
