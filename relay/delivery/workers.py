@@ -64,6 +64,9 @@ class QueueWorkers:
         self._random = random_fraction
         self._rescan = rescan_seconds
         self._workers: dict[str, asyncio.Task[None]] = {}
+        # Entries the store could not read: left alone until this monotonic time (one rescan),
+        # so a failing disk is not asked for the same file in a tight loop.
+        self._resting: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -114,6 +117,8 @@ class QueueWorkers:
                 if self._monotonic() >= next_rescan:
                     self._outcomes.retry_now()  # kept outcomes land within one rescan
                     await self._store.refresh()
+                    rested = self._monotonic()
+                    self._resting = {q: t for q, t in self._resting.items() if t > rested}
                     next_rescan = self._monotonic() + self._rescan
                     wait = 0.0  # what the rescan found (CLI retry, lost hints) is due now
             except StoreUnavailableError as exc:  # cannot claim now (full or read-only disk)
@@ -146,6 +151,8 @@ class QueueWorkers:
                 break
             key = slots.key(entry.auth_object, entry.mailbox)
             if entry.queue_id in self._workers or self._outcomes.is_pending(entry.queue_id):
+                continue
+            if self._resting.get(entry.queue_id, 0.0) > self._monotonic():
                 continue
             if slots.busy(entry.auth_object, entry.mailbox, starting=starting[key]):
                 continue  # a worker finishing (or the pause ending) wakes the loop
@@ -183,6 +190,7 @@ class QueueWorkers:
     async def _work(self, entry: EntryMeta) -> None:
         mime: bytes | None = None
         result: Result
+        self._resting.pop(entry.queue_id, None)
         try:
             mime = await self._store.read_message(entry.queue_id)
             route = resolve_route(self._config(), entry)
@@ -206,6 +214,7 @@ class QueueWorkers:
                 exc,
                 extra={"event": "read_failed", **message_fields(entry)},
             )
+            self._resting[entry.queue_id] = self._monotonic() + self._rescan
             await self._outcomes.release(entry)
             return
         except asyncio.CancelledError:

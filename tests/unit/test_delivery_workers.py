@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from relay.core.limits import CRASH_LIMIT
+from relay.delivery.engine import DeliveryEngine
+from relay.store.protocol import StoreUnavailableError
 from relay.testing.fake_graph import Answer
+from relay.testing.memory_store import MemoryStore
 from tests.unit.delivery_parts import (
     DENIED,
     SLOW,
+    Clock,
     Parts,
     eventually,
     eventually_async,
@@ -294,5 +299,60 @@ async def test_an_inline_delivery_the_store_cannot_record_is_kept_too(tmp_path: 
         await eventually(lambda: not parts.engine.degraded_reasons())
         assert await parts.state("Q1") is None
         assert len(parts.graph.calls) == 1
+    finally:
+        await parts.engine.stop(grace=1.0)
+
+
+# --- a message the store cannot read --------------------------------------------------------
+
+
+class UnreadableStore(MemoryStore):
+    """A MemoryStore whose disk fails reads of the ids in `unreadable` (an honest fake)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unreadable: set[str] = set()
+        self.reads: Counter[str] = Counter()
+
+    async def read_message(self, queue_id: str) -> bytes:
+        self.reads[queue_id] += 1
+        if queue_id in self.unreadable:
+            raise StoreUnavailableError(f"cannot read {queue_id}: I/O error")
+        return await super().read_message(queue_id)
+
+
+async def test_an_unreadable_message_is_put_back_and_left_alone_for_a_rescan(
+    tmp_path: Path,
+) -> None:
+    """Not an attempt, not a crash: released unchanged, and not read again (no tight loop on a
+    failing disk) until one rescan period has passed."""
+    store = UnreadableStore()
+    store.unreadable.add("Q1")
+    ticks = Clock(0.0)
+    parts = Parts(make_config(tmp_path, delivery=QUEUE), store=store)
+    parts.engine = DeliveryEngine(
+        config=lambda: parts.config,
+        graph=parts.graph,
+        store=store,
+        clock=parts.clock,
+        monotonic=ticks,
+        rescan_seconds=60.0,
+    )
+    await parts.engine.start()
+    try:
+        await parts.engine.submit(parts.submission("Q1"))
+        await eventually(lambda: store.reads["Q1"] == 1 and parts.engine.in_flight == 0)
+        found = await parts.where("Q1")
+        assert found is not None
+        assert (found[0], found[1].attempts, found[1].crashes) == ("queue", 0, 0)
+        parts.clock.now += 1.0
+        await parts.engine.submit(parts.submission("Q2"))  # due after Q1, so looked at after it
+        await eventually(lambda: len(parts.graph.accepted) == 1 and parts.engine.in_flight == 0)
+        assert store.reads["Q1"] == 1
+        store.unreadable.clear()
+        ticks.now += 60.0
+        parts.engine.wake()
+        await eventually(lambda: len(parts.graph.accepted) == 2 and parts.engine.in_flight == 0)
+        assert await parts.state("Q1") is None
     finally:
         await parts.engine.stop(grace=1.0)
