@@ -24,6 +24,7 @@ from relay.config.schema import Config, ListenerConfig
 from relay.core.errors import ConfigError
 from relay.delivery.attempt import size_limit
 from relay.delivery.engine import DeliveryEngine
+from relay.delivery.workers import RESCAN_SECONDS
 from relay.graph.client import GraphClient
 from relay.graph.tokens import TokenProvider
 from relay.ops.admin import AdminServer, HealthSources
@@ -35,8 +36,7 @@ from relay.smtp.connections import ConnectionLimiter
 from relay.smtp.handler import RelayHandler
 from relay.smtp.memory import DataMemoryBudget
 from relay.smtp.session import RelaySMTP, SessionLimits, server_tls_context
-from relay.store.files.spool import Spool, SpoolError
-from relay.store.protocol import StoreStats, StoreUnavailableError
+from relay.store.files.store import FileStore
 
 __all__ = ["BoundListener", "RelayService", "serve_until_stopped"]
 
@@ -70,6 +70,7 @@ class RelayService:
         *,
         metrics: RelayMetrics | None = None,
         auth_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rescan_seconds: float = RESCAN_SECONDS,
     ) -> None:
         self._config = config
         self.metrics = metrics
@@ -78,13 +79,18 @@ class RelayService:
         self._listener_configs = tuple(config.smtp.listeners)
         self.tokens = TokenProvider(config.auth_objects, metrics=self._sink)
         self.graph = GraphClient(self.tokens)
-        self.spool = (
-            Spool(config.delivery.spool_dir, reserve_bytes=int(1.5 * self.max_message_size))
+        self.store = (
+            FileStore(config.delivery.spool_dir, reserve_bytes=int(1.5 * self.max_message_size))
             if config.delivery.mode != "direct"
             else None
         )
+        self.spool = self.store.spool if self.store is not None else None
         self.delivery = DeliveryEngine(
-            config=self.current_config, graph=self.graph, spool=self.spool, metrics=self._sink
+            config=self.current_config,
+            graph=self.graph,
+            store=self.store,
+            metrics=self._sink,
+            rescan_seconds=rescan_seconds,
         )
         self.limiter = ConnectionLimiter(
             total=config.smtp.max_connections,
@@ -131,24 +137,8 @@ class RelayService:
             bound=lambda: self.listeners,
             tokens=lambda: self.tokens.status(),
             spool=self.spool,
-            queue=self._queue_stats if self.spool is not None else None,
-            # At merge with the delivery branch: degraded=self.delivery.degraded_reasons,
-        )
-
-    async def _queue_stats(self, now: float) -> StoreStats:
-        """The queue's counts for /metrics and the status page (`HealthSources.queue`).
-
-        A stand-in until the file spool implements `relay.store.protocol.Store`, whose `stats`
-        is kept incrementally: then this is `store.stats`. Today's `Spool.stats` still lists
-        the spool's directories, so it runs off the event loop.
-        """
-        assert self.spool is not None
-        try:
-            s = await asyncio.to_thread(self.spool.stats, now)
-        except SpoolError as exc:
-            raise StoreUnavailableError(str(exc)) from exc
-        return StoreStats(
-            s.queued, s.active, s.dead, s.quarantined, s.corrupt, s.oldest_created, s.due
+            queue=self.store.stats if self.store is not None else None,
+            degraded=self.delivery.degraded_reasons,
         )
 
     @property
@@ -203,8 +193,8 @@ class RelayService:
             await server.wait_closed()
         self._running = _Running()
         await self.delivery.stop(grace / 2)
-        if self.spool is not None:
-            self.spool.close()  # releases the lock: another relay may now recover this spool
+        if self.store is not None:
+            await self.store.close()  # releases the lock: another relay may now recover it
         await self.graph.close()
         self.tokens.close()
         for handle in self._retired:

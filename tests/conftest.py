@@ -24,6 +24,7 @@ import trustme
 
 from relay.config.load import parse_config
 from relay.config.schema import Config
+from relay.delivery.workers import RESCAN_SECONDS
 from relay.sandbox import Sandbox
 from relay.service import RelayService
 
@@ -133,7 +134,9 @@ async def start_relay(
     """Start relays configured against the sandbox; all are stopped at teardown."""
     started: list[RelayService] = []
 
-    async def start(*, secret: str = SECRET, **overrides: Any) -> RelayService:
+    async def start(
+        *, secret: str = SECRET, rescan_seconds: float = RESCAN_SECONDS, **overrides: Any
+    ) -> RelayService:
         if "tls" in overrides:
             overrides.pop("tls")
             overrides["smtp_extra"] = (
@@ -141,7 +144,8 @@ async def start_relay(
                 + overrides.get("smtp_extra", "")
             )
         service = RelayService(
-            build_config(relay_config_text(sandbox, **overrides), tmp_path, secret)
+            build_config(relay_config_text(sandbox, **overrides), tmp_path, secret),
+            rescan_seconds=rescan_seconds,
         )
         await service.start()
         started.append(service)

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import socket
 import sys
-import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -34,7 +33,7 @@ from relay.core.message.prepare import (
     split_header_from_body,
 )
 from relay.core.policy import choose_route
-from relay.core.values import SendTarget
+from relay.delivery.attempt import send_target
 from relay.ops.logs import setup_logging
 from relay.service import RelayService, serve_until_stopped
 
@@ -301,12 +300,7 @@ async def test_mail(config: Config, sender: str, recipient: str, out: TextIO) ->
         message_id_local=queue_id,
     )
     service = RelayService(config)
-    target = SendTarget(
-        auth_name=route.auth_object,
-        auth=config.auth_objects[route.auth_object],
-        mailbox=route.mailbox,
-        client_request_id=str(uuid.uuid4()),
-    )
+    target = send_target(config, route)
     try:
         result = await service.graph.send_mime(target, prepared.mime)
     except DeliveryError as failure:

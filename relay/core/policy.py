@@ -174,10 +174,16 @@ def effective_sender(mail_from: str, authors: Sequence[str]) -> str:
 
 def choose_route(routes: Sequence[RouteConfig], sender: str) -> Route:
     """The first route whose sender patterns match; its mailbox resolved for this sender."""
-    for index, route in enumerate(routes):
+    for route in routes:
         if matches_any(sender, route.senders):
             mailbox = sender if route.mailbox == "sender" else route.mailbox
-            return Route(index=index, auth_object=route.auth_object, mailbox=mailbox)
+            return Route(
+                name=route.label,
+                auth_object=route.auth_object,
+                mailbox=mailbox,
+                rewrite_from=route.rewrite_from,
+                save_to_sent_items=route.save_to_sent_items,
+            )
     raise PolicyError(
         SmtpReply(550, "5.7.1", f"No outbound route is configured for sender <{_shown(sender)}>")
     )

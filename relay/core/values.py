@@ -9,6 +9,7 @@ standard library and the rest of the core only.
 - `EntryMeta`: a stored message's envelope and delivery state, as every store keeps it.
 - `SendTarget`: the auth object and mailbox one Graph request sends as.
 - `Delivered` / `Outcome`: what one attempt to hand a message to Graph came to.
+- `Accepted` / `Refused`: what `submit` came to; the SMTP layer turns it into its reply.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ __all__ = [
     "FORMAT_VERSION",
     "QUEUE_ID_PATTERN",
     "QUEUE_ID_RE",
+    "Accepted",
     "Delivered",
     "EntryMeta",
     "Outcome",
+    "Refused",
     "Route",
     "SendTarget",
     "State",
     "Submission",
+    "SubmitOutcome",
     "check_queue_id",
-    "route_index",
 ]
 
 import json
@@ -34,7 +37,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from relay.core.errors import DeliveryError
+from relay.core.errors import DeliveryError, SmtpReply
 from relay.core.message.prepare import PreparedMessage
 
 if TYPE_CHECKING:  # annotations only: pydantic loads socket (importlib.metadata, email)
@@ -136,21 +139,24 @@ class EntryMeta:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """The resolved outbound setup for one message."""
+    """The outbound setup resolved for one sender from the current configuration.
 
-    index: int
+    `name` is the route's label (`RouteConfig.label`: its `name`, else its first sender
+    pattern) for logs and metrics only: a queued message is routed again by its sender at each
+    attempt, never found by its name or position.
+    """
+
+    name: str
     auth_object: str
     mailbox: str
+    rewrite_from: bool = False
+    save_to_sent_items: bool = True
 
     @property
-    def name(self) -> str:
-        return f"routes[{self.index}]"
-
-
-def route_index(name: str) -> int | None:
-    """The index in `routes` of a route `name` as `Route.name` writes it, else None."""
-    match = re.fullmatch(r"routes\[(\d+)\]", name)
-    return int(match.group(1)) if match else None
+    def needs_json(self) -> bool:
+        """Whether only Graph's JSON form can express this route (MIME cannot set
+        saveToSentItems: false, nor move the original From to Reply-To)."""
+        return self.rewrite_from or not self.save_to_sent_items
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +182,28 @@ class Delivered:
 
 
 Outcome = Delivered | DeliveryError
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The message is the relay's now: delivered already, or durably queued."""
+
+    queue_id: str
+    how: Literal["delivered", "queued"]
+
+    @property
+    def reply(self) -> SmtpReply:
+        return SmtpReply(250, "2.0.0", f"Ok: {self.how} {self.queue_id}")
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The client keeps the message: `reply` is a 4xx (try again) or a 5xx (give up)."""
+
+    reply: SmtpReply
+
+
+SubmitOutcome = Accepted | Refused
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,46 +11,54 @@ queue worker), the same rules apply and the same log events come out:
   (draft + upload sessions, `relay.large`) with `delivery.large_messages: upload`, and is refused
   with 552 5.3.4 before sending with `reject`.
 
+The route is not stored with the message: `resolve_route` finds it again from the entry's
+routing sender against the *current* configuration at each attempt (as Postfix resolves the
+transport at delivery time), so an administrator who fixes or replaces a route sees queued mail
+take the fix (#10 item 3).
+
 `send` returns the outcome as a value (`Delivered` or the `DeliveryError`) instead of raising, so
 callers handle the three cases in one place.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+from typing import Any, Protocol
 
-from relay.config.schema import Config, RouteConfig
+from relay.config.schema import Config
 from relay.core.errors import (
     DeliveryError,
     PermanentDeliveryError,
+    PolicyError,
     SmtpReply,
     TransientDeliveryError,
 )
+from relay.core.lifecycle import NoRoute
 from relay.core.limits import (
     GRAPH_MAX_REQUEST_BYTES,
-    MAILBOX_CONCURRENCY,
     MAX_LARGE_MESSAGE,
     base64_size,
     single_request_limit,
 )
 from relay.core.message.prepare import CannotConvertError, GraphJsonTooLargeError, to_graph_message
-from relay.core.values import Delivered, EntryMeta, Outcome, SendTarget, route_index
+from relay.core.policy import choose_route
+from relay.core.values import Delivered, EntryMeta, Outcome, Route, SendTarget
+from relay.delivery.slots import MailboxSlots
 from relay.ops.metrics import NULL_METRICS, ErrorReport, MetricsSink
 
 __all__ = [
     "GraphAttempts",
     "GraphSender",
-    "JsonGraphSender",
-    "LargeGraphSender",
-    "MailboxSlots",
+    "SendResult",
     "error_report",
     "message_fields",
+    "resolve_route",
+    "routed",
+    "send_target",
     "size_limit",
 ]
 
@@ -66,7 +74,7 @@ def size_limit(config: Config) -> int:
     return min(config.smtp.max_message_size, cap)
 
 
-class SendOutcome(Protocol):
+class SendResult(Protocol):
     @property
     def status(self) -> int: ...
     @property
@@ -74,39 +82,34 @@ class SendOutcome(Protocol):
 
 
 class GraphSender(Protocol):
-    """What delivery needs from the Graph client."""
+    """What delivery needs from the Graph client (`relay.graph.client.GraphClient`). Each call
+    raises `DeliveryError` for Graph's and the network's failures, and nothing else."""
 
-    async def send_mime(self, target: SendTarget, mime: bytes) -> SendOutcome: ...
+    async def send_mime(self, target: SendTarget, mime: bytes) -> SendResult: ...
 
-
-@runtime_checkable
-class LargeGraphSender(Protocol):
-    """A GraphSender that can also send past the 4 MB limit (relay.graph.GraphClient)."""
-
-    async def send_large_mime(self, target: SendTarget, mime: bytes) -> SendOutcome: ...
-
-
-@runtime_checkable
-class JsonGraphSender(Protocol):
-    """A GraphSender that can also send Graph's JSON message resource (relay.graph.GraphClient)."""
+    async def send_large_mime(self, target: SendTarget, mime: bytes) -> SendResult: ...
 
     async def send_json(
         self, target: SendTarget, message_json: Mapping[str, Any], save_to_sent_items: bool
-    ) -> SendOutcome: ...
+    ) -> SendResult: ...
 
 
-_Send = Callable[[SendTarget, bytes], Awaitable[SendOutcome]]
+_Send = Callable[[SendTarget], Awaitable[SendResult]]
 
 
-def json_route(config: Config, meta: EntryMeta) -> RouteConfig | None:
-    """The route of `meta` when it needs the JSON form (DESIGN §3, §7: rewrite_from, or
-    save_to_sent_items: false, which MIME cannot express); None for the MIME form. The route is
-    read from the current config by its position, so a reload applies to queued messages too."""
-    index = route_index(meta.route)
-    if index is None or index >= len(config.routes):
-        return None
-    route = config.routes[index]
-    return route if route.rewrite_from or not route.save_to_sent_items else None
+def resolve_route(config: Config, entry: EntryMeta) -> Route | NoRoute:
+    """The route `entry` goes out through now: found again by its routing sender (MAIL FROM,
+    or the header From for `<>`) in the current configuration, never by position or name."""
+    sender = entry.sender or entry.mail_from
+    try:
+        return choose_route(config.routes, sender)
+    except PolicyError:
+        return NoRoute(sender)
+
+
+def routed(entry: EntryMeta, route: Route) -> EntryMeta:
+    """`entry` as it goes out through `route` (what its log events and the store show)."""
+    return replace(entry, route=route.name, auth_object=route.auth_object, mailbox=route.mailbox)
 
 
 def message_fields(meta: EntryMeta) -> dict[str, object]:
@@ -161,54 +164,15 @@ def _from_graph(failure: DeliveryError) -> bool:
     return failure.reply.status != "4.7.0" or failure.http_status == 401
 
 
-class MailboxSlots:
-    """At most `limit` concurrent Graph requests per (auth object, mailbox), plus pauses."""
-
-    def __init__(self, limit: int = MAILBOX_CONCURRENCY, *, monotonic: Callable[[], float]) -> None:
-        self.limit = limit
-        self._monotonic = monotonic
-        self._slots: dict[tuple[str, str], tuple[asyncio.Semaphore, int]] = {}
-        self._paused: dict[tuple[str, str], float] = {}
-
-    @staticmethod
-    def key(auth_object: str, mailbox: str) -> tuple[str, str]:
-        return (auth_object, mailbox.casefold())
-
-    def busy(self, auth_object: str, mailbox: str) -> bool:
-        """True when a new request for this mailbox would have to wait."""
-        key = self.key(auth_object, mailbox)
-        _, users = self._slots.get(key, (None, 0))
-        return users >= self.limit or self.paused_for(auth_object, mailbox) > 0
-
-    def paused_for(self, auth_object: str, mailbox: str) -> float:
-        key = self.key(auth_object, mailbox)
-        remaining = self._paused.get(key, 0.0) - self._monotonic()
-        if remaining <= 0:
-            self._paused.pop(key, None)
-            return 0.0
-        return remaining
-
-    def pause(self, auth_object: str, mailbox: str, seconds: float) -> None:
-        key = self.key(auth_object, mailbox)
-        self._paused[key] = max(self._paused.get(key, 0.0), self._monotonic() + seconds)
-
-    @contextlib.asynccontextmanager
-    async def hold(self, auth_object: str, mailbox: str) -> AsyncIterator[None]:
-        key = self.key(auth_object, mailbox)
-        semaphore, users = self._slots.get(key, (asyncio.Semaphore(self.limit), 0))
-        self._slots[key] = (semaphore, users + 1)
-        try:
-            async with semaphore:
-                pause = self.paused_for(auth_object, mailbox)
-                if pause > 0:  # Graph asked this mailbox's traffic to wait (Retry-After)
-                    await asyncio.sleep(pause)
-                yield
-        finally:
-            semaphore, users = self._slots[key]
-            if users <= 1:
-                del self._slots[key]  # as small as the set of busy mailboxes
-            else:
-                self._slots[key] = (semaphore, users - 1)
+def send_target(config: Config, route: Route) -> SendTarget:
+    """What one request through `route` sends as, with a fresh client-request-id (Graph's
+    request-id is logged beside it, so support can find the request from either side)."""
+    return SendTarget(
+        auth_name=route.auth_object,
+        auth=config.auth_objects[route.auth_object],
+        mailbox=route.mailbox,
+        client_request_id=str(uuid.uuid4()),
+    )
 
 
 class GraphAttempts:
@@ -230,45 +194,19 @@ class GraphAttempts:
         self.metrics = metrics
         self.slots = MailboxSlots(monotonic=monotonic)
 
-    async def send(self, meta: EntryMeta, mime: bytes) -> Outcome:
-        """One attempt. Never raises for Graph's or the network's failures."""
+    async def send(self, meta: EntryMeta, mime: bytes, route: Route) -> Outcome:
+        """One attempt through `route`. Never raises for Graph's or the network's failures."""
         config = self._config()
-        send: _Send = self._graph.send_mime
-        route = json_route(config, meta)
-        if route is not None:
-            chosen = self._json_send(meta, mime, route)
-            if isinstance(chosen, DeliveryError):
-                return chosen
-            send = chosen
-        elif base64_size(len(mime)) > GRAPH_MAX_REQUEST_BYTES:
-            if config.delivery.large_messages != "upload" or not isinstance(
-                self._graph, LargeGraphSender
-            ):
-                return PermanentDeliveryError(
-                    "message too large for one Graph request (large_messages: reject)",
-                    reply=SmtpReply(
-                        552,
-                        "5.3.4",
-                        "Message too large for Microsoft 365: at most 4 MB per request after "
-                        "base64, and this relay does not send larger messages in parts",
-                    ),
-                    code="MessageTooLarge",
-                    remedy="set delivery.large_messages: upload (needs Mail.ReadWrite), or the "
-                    "sender must send the message smaller",
-                )
-            send = self._graph.send_large_mime
-        target = SendTarget(
-            auth_name=meta.auth_object,
-            auth=config.auth_objects[meta.auth_object],
-            mailbox=meta.mailbox,
-            client_request_id=str(uuid.uuid4()),
-        )
+        chosen = self._choose(config, meta, mime, route)
+        if isinstance(chosen, DeliveryError):
+            return chosen
+        target = send_target(config, route)
         started = self._monotonic()
         try:
-            async with self.slots.hold(meta.auth_object, meta.mailbox):
+            async with self.slots.hold(route.auth_object, route.mailbox):
                 requested = self._monotonic()  # the latency metric leaves out the slot wait
                 try:
-                    result = await send(target, mime)
+                    result = await chosen(target)
                 except DeliveryError as failure:
                     if _from_graph(failure):
                         elapsed = self._monotonic() - requested
@@ -276,7 +214,7 @@ class GraphAttempts:
                     raise
         except DeliveryError as failure:
             if isinstance(failure, TransientDeliveryError) and failure.http_status == 429:
-                self.slots.pause(meta.auth_object, meta.mailbox, failure.retry_after or 1.0)
+                self.slots.pause(route.auth_object, route.mailbox, failure.retry_after or 1.0)
             return failure
         self.metrics.graph_response(result.status, None, self._monotonic() - requested)
         return Delivered(
@@ -285,19 +223,39 @@ class GraphAttempts:
             duration_ms=round((self._monotonic() - started) * 1000),
         )
 
-    def _json_send(self, meta: EntryMeta, mime: bytes, route: RouteConfig) -> _Send | DeliveryError:
+    def _choose(
+        self, config: Config, meta: EntryMeta, mime: bytes, route: Route
+    ) -> _Send | DeliveryError:
+        """The request that can carry this message: Graph JSON when the route needs it (DESIGN
+        §3, §7), the large-message path past 4 MB, else one MIME request."""
+        graph = self._graph
+        if route.needs_json:
+            return self._json_send(meta, mime, route)
+        if base64_size(len(mime)) <= GRAPH_MAX_REQUEST_BYTES:
+            return lambda target: graph.send_mime(target, mime)
+        if config.delivery.large_messages == "upload":
+            return lambda target: graph.send_large_mime(target, mime)
+        return PermanentDeliveryError(
+            "message too large for one Graph request (large_messages: reject)",
+            reply=SmtpReply(
+                552,
+                "5.3.4",
+                "Message too large for Microsoft 365: at most 4 MB per request after "
+                "base64, and this relay does not send larger messages in parts",
+            ),
+            code="MessageTooLarge",
+            remedy="set delivery.large_messages: upload (needs Mail.ReadWrite), or the "
+            "sender must send the message smaller",
+        )
+
+    def _json_send(self, meta: EntryMeta, mime: bytes, route: Route) -> _Send | DeliveryError:
         """The message as Graph JSON, converted once per attempt; a message that cannot be
         converted unchanged, or too large for one request, is refused (554 5.6.0 / 552 5.3.4)."""
-        graph = self._graph
-        if not isinstance(graph, JsonGraphSender):
-            return TransientDeliveryError(
-                "the Graph client cannot send JSON", alert=True, remedy="report this as a bug"
-            )
         try:
             message = to_graph_message(
                 mime,
                 envelope_recipients=meta.recipients,
-                mailbox=meta.mailbox,
+                mailbox=route.mailbox,
                 rewrite_from=route.rewrite_from,
             )
         except (CannotConvertError, GraphJsonTooLargeError) as exc:
@@ -317,11 +275,8 @@ class GraphAttempts:
                 extra={"event": "json_headers_dropped", **message_fields(meta)},
             )
         document = message.as_json()
-
-        async def send(target: SendTarget, _: bytes) -> SendOutcome:
-            return await graph.send_json(target, document, route.save_to_sent_items)
-
-        return send
+        graph = self._graph
+        return lambda target: graph.send_json(target, document, route.save_to_sent_items)
 
     def log_delivered(self, meta: EntryMeta, outcome: Delivered) -> None:
         """The `delivered` event: log line and metrics."""

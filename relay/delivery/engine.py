@@ -1,14 +1,15 @@
-"""The delivery engine: turns a policy-approved submission into an SMTP reply (DESIGN §5).
+"""The delivery engine: turns a policy-approved submission into a typed outcome (DESIGN §5).
 
-Why this module exists: the SMTP layer must not know about Graph, the spool or timeouts, and
-the Graph client must not know about SMTP. This module owns the three delivery modes:
+Why this module exists: the SMTP layer must not know about Graph, the store or timeouts, and
+the Graph client must not know about SMTP. This module owns the three delivery modes and hands
+the SMTP layer an `Accepted` or a `Refused` value, which it turns into its reply:
 
-- `direct`: no spool. One Graph attempt while the client waits; `250` only after Graph's 202,
-  transient trouble is `451` (the client keeps the message), a refusal its `5xx`.
-- `queue`: `250 ... queued` as soon as the spool has the message durably; workers deliver.
-- `hybrid` (default): spool durably, then one inline attempt for up to `inline_timeout`.
-  202 -> `250 ... delivered`; a permanent refusal -> its `5xx` and the entry removed;
-  transient or too slow -> `250 ... queued` and the workers carry on.
+- `direct`: no store. One Graph attempt while the client waits; `Accepted(delivered)` only after
+  Graph's 202, transient trouble is a `451` (the client keeps the message), a refusal its `5xx`.
+- `queue`: `Accepted(queued)` as soon as the store has the message durably; workers deliver.
+- `hybrid` (default): store durably, then one inline attempt for up to `inline_timeout`.
+  202 -> `Accepted(delivered)`; a permanent refusal -> `Refused(5xx)` and the entry discarded;
+  transient or too slow -> `Accepted(queued)` and the workers carry on.
 
 Theory of the inline attempt. The attempt runs as its own task so that neither a client that
 hangs up (aiosmtpd cancels the DATA hook) nor the inline timeout can interrupt it half-way.
@@ -18,7 +19,8 @@ verdict, marks the attempt `acknowledged` (it is about to say `250 queued`). Bot
 synchronous, so exactly one of two things happens: the client hears the verdict (and a
 permanent refusal is discarded, the client owns the failure), or the client hears "queued"
 (and a permanent refusal is buried and bounced like any queued message). Never both, never
-neither: nothing is lost, nothing is reported twice.
+neither: nothing is lost, nothing is reported twice. Which of the two happened reaches
+`relay.core.lifecycle.settle` as its `answered` flag; the core decides the rest.
 """
 
 from __future__ import annotations
@@ -33,47 +35,35 @@ from typing import Any
 
 from relay.config.schema import Config
 from relay.core.errors import DeliveryError, SmtpReply
-from relay.core.values import Delivered, EntryMeta, Submission
+from relay.core.lifecycle import Crashed, Result
+from relay.core.values import Accepted, Delivered, EntryMeta, Refused, Submission, SubmitOutcome
 from relay.delivery.attempt import GraphAttempts, GraphSender, error_report, message_fields
-from relay.delivery.workers import QueueRunner
-from relay.ops.metrics import NULL_METRICS, AcceptedOutcome, MetricsSink
-from relay.store.files.spool import Spool, SpoolUnavailableError
+from relay.delivery.bounces import Bouncer
+from relay.delivery.outcomes import RECORD_RETRY_FIRST, RECORD_RETRY_MAX, OutcomeRecorder
+from relay.delivery.workers import RESCAN_SECONDS, QueueWorkers
+from relay.ops.metrics import NULL_METRICS, MetricsSink
+from relay.store.protocol import Store, StoreUnavailableError
 
 __all__ = ["DeliveryEngine"]
 
 log = logging.getLogger("relay.delivery")
 
-SPOOL_TROUBLE = SmtpReply(451, "4.3.0", "Cannot queue the message right now, try again later")
+STORE_TROUBLE = SmtpReply(451, "4.3.0", "Cannot queue the message right now, try again later")
 SLOW_GRAPH = SmtpReply(451, "4.4.2", "Microsoft 365 did not answer in time, please try again later")
-
-
-def _delivered(queue_id: str) -> SmtpReply:
-    return SmtpReply(250, "2.0.0", f"Ok: delivered {queue_id}")
-
-
-def _queued(queue_id: str) -> SmtpReply:
-    return SmtpReply(250, "2.0.0", f"Ok: queued {queue_id}")
-
-
-def _accepted(reply: SmtpReply) -> AcceptedOutcome | None:
-    """What a reply built by `_delivered` or `_queued` told the client; None for the rest."""
-    if reply.code != 250:
-        return None
-    return "delivered" if reply.text.startswith("Ok: delivered") else "queued"
 
 
 @dataclass(slots=True)
 class _Inline:
     """Who answers the client: the attempt (verdict) or the waiting hook (acknowledged)."""
 
-    verdict: asyncio.Future[SmtpReply]
+    verdict: asyncio.Future[SubmitOutcome]
     acknowledged: bool = False
 
-    def decide(self, reply: SmtpReply) -> bool:
+    def decide(self, outcome: SubmitOutcome) -> bool:
         """Publish the verdict unless the client was already told `queued`."""
         if self.acknowledged or self.verdict.done():
             return False
-        self.verdict.set_result(reply)
+        self.verdict.set_result(outcome)
         return True
 
 
@@ -89,62 +79,101 @@ class _Tasks:
 
 
 class DeliveryEngine:
-    """Delivers submissions according to `delivery.mode`; owns the spool and the workers."""
+    """Delivers submissions according to `delivery.mode`; owns the workers (not the store)."""
 
     def __init__(
         self,
         *,
         config: Callable[[], Config],
         graph: GraphSender,
-        spool: Spool | None,
+        store: Store | None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         random_fraction: Callable[[], float] = random.random,
         metrics: MetricsSink = NULL_METRICS,
+        rescan_seconds: float = RESCAN_SECONDS,
+        record_retry: tuple[float, float] | None = None,
     ) -> None:
         self._config = config
         self._clock = clock
         self._metrics = metrics
-        self.spool = spool
+        self.store = store
         self.attempts = GraphAttempts(
             config=config, graph=graph, monotonic=monotonic, clock=clock, metrics=metrics
         )
-        self.runner = (
-            QueueRunner(
-                config=config,
-                spool=spool,
+        self.outcomes: OutcomeRecorder | None = None
+        self.workers: QueueWorkers | None = None
+        if store is not None:
+            # Kept outcomes are tried again at least once per rescan (and the rescan kicks them).
+            first, most = record_retry or (
+                RECORD_RETRY_FIRST,
+                min(RECORD_RETRY_MAX, rescan_seconds),
+            )
+            self.outcomes = OutcomeRecorder(
+                store=store,
                 attempts=self.attempts,
+                bouncer=Bouncer(config=config, clock=clock),
+                on_queued=self.wake,
+                retry_first=first,
+                retry_max=most,
+            )
+            self.workers = QueueWorkers(
+                config=config,
+                store=store,
+                attempts=self.attempts,
+                outcomes=self.outcomes,
                 clock=clock,
                 monotonic=monotonic,
                 random_fraction=random_fraction,
-                metrics=metrics,
+                rescan_seconds=rescan_seconds,
             )
-            if spool is not None
-            else None
-        )
         self._inline = _Tasks()
 
     @property
     def running(self) -> bool:
-        """False once the queue runner's loop has ended (crashed or stopped)."""
-        return self.runner is None or self.runner.running
+        """False once the workers' loop has ended (crashed or stopped)."""
+        return self.workers is None or self.workers.running
 
     @property
     def in_flight(self) -> int:
         running = len(self._inline.running)
-        return running + (self.runner.in_flight if self.runner is not None else 0)
+        return running + (self.workers.in_flight if self.workers is not None else 0)
+
+    def degraded_reasons(self) -> list[str]:
+        """What /healthz reports and /readyz turns 503 for; empty when all is well."""
+        return self.outcomes.degraded_reasons() if self.outcomes is not None else []
+
+    def wake(self) -> None:
+        if self.workers is not None:
+            self.workers.wake()
 
     async def start(self) -> None:
-        """Recover the spool (before any listener accepts mail) and start the workers."""
-        if self.runner is not None:
-            await self.runner.start()
+        """Recover the store (before any listener accepts mail) and start the workers."""
+        if self.store is None or self.workers is None:
+            return
+        report = await self.store.recover()
+        log.info(
+            "store recovered: %d requeued, %d quarantined, %d corrupt",
+            report.requeued,
+            report.quarantined,
+            report.corrupt,
+            extra={
+                "event": "spool_recovered",
+                "requeued": report.requeued,
+                "quarantined": report.quarantined,
+                "corrupt": report.corrupt,
+                "orphans_removed": report.orphans_removed,
+                "temp_removed": report.temp_removed,
+            },
+        )
+        await self.workers.start()
 
     async def stop(self, grace: float) -> None:
-        """Let attempts in progress finish for up to `grace` seconds; requeue the rest."""
-        if self.runner is not None:
+        """Let attempts in progress finish for up to `grace` seconds; release the rest."""
+        if self.workers is not None:
             # First: no new claims, or the workers would pick up what the inline attempts
             # release below and start a second request for the same message.
-            self.runner.stop_claiming()
+            self.workers.stop_claiming()
         inline = set(self._inline.running)
         if inline:
             _, pending = await asyncio.wait(inline, timeout=grace)
@@ -152,44 +181,41 @@ class DeliveryEngine:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
-        if self.runner is not None:
-            await self.runner.stop(grace)
+        if self.workers is not None:
+            await self.workers.stop(grace)
+        if self.outcomes is not None:
+            await self.outcomes.stop()
 
-    async def submit(self, submission: Submission) -> SmtpReply:
-        """Deliver or queue per `delivery.mode`; the reply is what the client is told."""
-        reply = await self._submit(submission)
-        outcome = _accepted(reply)
-        if outcome is not None:  # counted only once the hook has its 250 to return
-            self._metrics.accepted(submission.route.name, outcome)
-        return reply
+    async def submit(self, submission: Submission) -> SubmitOutcome:
+        """Deliver or queue per `delivery.mode`."""
+        outcome = await self._submit(submission)
+        if isinstance(outcome, Accepted):  # counted only once the hook has its 250 to return
+            self._metrics.accepted(submission.route.name, outcome.how)
+        return outcome
 
-    async def _submit(self, submission: Submission) -> SmtpReply:
+    async def _submit(self, submission: Submission) -> SubmitOutcome:
         mode = self._config().delivery.mode
-        if mode == "direct" or self.spool is None:
+        if mode == "direct" or self.store is None or self.workers is None:
             return await self._direct(submission)
         meta = self._meta(submission)
         # hybrid commits the entry already claimed, so no worker races the inline attempt. When
         # the mailbox's Graph slots are all taken the inline attempt would only wait, holding a
         # claim a crash would count against the message: queue it for the workers instead.
         inline = mode == "hybrid" and not self.attempts.slots.busy(meta.auth_object, meta.mailbox)
-        claimed = inline
         try:
-            assert self.runner is not None
-            await self.runner.spool_io(
-                self.spool.store, meta, submission.message.mime, claimed=claimed
-            )
-        except SpoolUnavailableError as exc:
+            await self.store.put(meta, submission.message.mime, claimed=inline)
+        except StoreUnavailableError as exc:
             log.error(
-                "cannot spool %s: %s",
+                "cannot store %s: %s",
                 meta.queue_id,
                 exc,
                 extra={
                     "event": "spool_unavailable",
                     **message_fields(meta),
-                    "reply": str(SPOOL_TROUBLE),
+                    "reply": str(STORE_TROUBLE),
                 },
             )
-            return SPOOL_TROUBLE
+            return Refused(STORE_TROUBLE)
         log.info(
             "queued %s from=<%s> rcpts=%d route=%s mailbox=%s",
             meta.queue_id,
@@ -199,65 +225,67 @@ class DeliveryEngine:
             meta.mailbox,
             extra={"event": "queued", **message_fields(meta)},
         )
-        assert self.runner is not None
         if not inline:
-            self.runner.schedule(meta)
-            return _queued(meta.queue_id)
-        return await self._hybrid(meta, submission.message.mime)
+            self.workers.wake()
+            return Accepted(meta.queue_id, "queued")
+        return await self._hybrid(meta, submission)
 
     # --- hybrid ---------------------------------------------------------------------------
 
-    async def _hybrid(self, meta: EntryMeta, mime: bytes) -> SmtpReply:
+    async def _hybrid(self, meta: EntryMeta, submission: Submission) -> SubmitOutcome:
         inline = _Inline(asyncio.get_running_loop().create_future())
-        task = self._inline.spawn(self._inline_attempt(meta, mime, inline))
+        task = self._inline.spawn(self._inline_attempt(meta, submission, inline))
         # asyncio.wait never cancels the task: a client hanging up cancels only this wait.
         await asyncio.wait({inline.verdict}, timeout=self._config().delivery.inline_timeout)
         if not inline.verdict.done():
             inline.acknowledged = True
-            return _queued(meta.queue_id)
-        await asyncio.shield(task)  # the bookkeeping behind the verdict is a few renames
+            return Accepted(meta.queue_id, "queued")
+        await asyncio.shield(task)  # the bookkeeping behind the verdict is one store write
         return inline.verdict.result()
 
-    async def _inline_attempt(self, meta: EntryMeta, mime: bytes, inline: _Inline) -> None:
-        assert self.runner is not None
+    async def _inline_attempt(
+        self, meta: EntryMeta, submission: Submission, inline: _Inline
+    ) -> None:
         try:
-            await self._inline_attempt_once(meta, mime, inline)
+            await self._inline_attempt_once(meta, submission, inline)
         finally:
             # Its Graph slot is free again: queued mail for this mailbox may go now.
-            self.runner.wake()
+            self.wake()
 
-    async def _inline_attempt_once(self, meta: EntryMeta, mime: bytes, inline: _Inline) -> None:
-        assert self.runner is not None
+    async def _inline_attempt_once(
+        self, meta: EntryMeta, submission: Submission, inline: _Inline
+    ) -> None:
+        assert self.workers is not None
+        assert self.outcomes is not None
+        mime = submission.message.mime
+        result: Result
         try:
-            outcome = await self.attempts.send(meta, mime)
+            # The route policy chose a moment ago, from the same configuration.
+            result = await self.attempts.send(meta, mime, submission.route)
         except asyncio.CancelledError:
-            await self.runner.release(meta)
+            await self.outcomes.release(meta)
             raise
-        except Exception:  # a bug must not lose the spooled message
+        except Exception as exc:  # a bug must not lose the stored message
             log.exception(
                 "inline attempt failed", extra={"event": "internal_error", **message_fields(meta)}
             )
-            inline.decide(_queued(meta.queue_id))
-            await self.runner.defer_after_crash(meta)
-            return
-        if isinstance(outcome, Delivered):
-            inline.decide(_delivered(meta.queue_id))
-            await self.runner.settle(meta, outcome, mime)
-        elif outcome.reply.is_transient:
-            inline.decide(_queued(meta.queue_id))
-            await self.runner.settle(meta, outcome, mime)
-        elif inline.decide(outcome.reply):
-            await self.runner.refused_inline(meta, outcome)
+            result = Crashed(f"internal error ({type(exc).__name__})")
+        answered = False
+        if isinstance(result, Delivered):
+            inline.decide(Accepted(meta.queue_id, "delivered"))
+        elif isinstance(result, DeliveryError) and not result.reply.is_transient:
+            answered = inline.decide(Refused(result.reply))
         else:
-            await self.runner.settle(meta, outcome, mime)
+            inline.decide(Accepted(meta.queue_id, "queued"))
+        await self.workers.settle(meta, result, mime, answered=answered)
 
     # --- direct ---------------------------------------------------------------------------
 
-    async def _direct(self, submission: Submission) -> SmtpReply:
+    async def _direct(self, submission: Submission) -> SubmitOutcome:
         meta = self._meta(submission)
         try:
             async with asyncio.timeout(self._config().delivery.inline_timeout):
-                outcome = await self.attempts.send(meta, submission.message.mime)
+                outcome = await self.attempts.send(meta, submission.message.mime, submission.route)
         except TimeoutError:
             log.warning(
                 "deferred %s: no answer from Graph in time",
@@ -274,13 +302,13 @@ class DeliveryEngine:
                     message="no answer from Graph in time",
                 )
             )
-            return SLOW_GRAPH
+            return Refused(SLOW_GRAPH)
         if isinstance(outcome, DeliveryError):
             event = "deferred" if outcome.reply.is_transient else "failed"
             self.attempts.log_failure(meta, outcome, event)
-            return outcome.reply
+            return Refused(outcome.reply)
         self.attempts.log_delivered(meta, outcome)
-        return _delivered(meta.queue_id)
+        return Accepted(meta.queue_id, "delivered")
 
     def _meta(self, submission: Submission) -> EntryMeta:
         route = submission.route
@@ -296,5 +324,5 @@ class DeliveryEngine:
             route=route.name,
             message_id=submission.message.message_id,
             size=len(submission.message.mime),
-            sender=submission.sender,
+            sender=submission.sender or submission.mail_from,
         )

@@ -1,83 +1,73 @@
-"""Queue workers: deliver what the spool holds, retry with backoff, expire, bury and bounce.
+"""Queue workers: claim what the store says is due, attempt it, and have the outcome settled.
 
 Why this module exists: once a message is acknowledged with `250 ... queued`, the relay alone is
-responsible for it (RFC 5321 §6.1). This module owns that responsibility: it picks due entries
-from the spool, makes attempts (at most `delivery.concurrency` at once, at most 4 per mailbox),
-and settles each outcome in the spool before it forgets the message:
+responsible for it (RFC 5321 §6.1). This role keeps that promise like Postfix's qmgr: it asks
+the store what is due (`Store.due`, leaving out mailboxes whose Graph slots are full or paused),
+claims each entry before touching it (a concurrent claimer simply wins), makes at most
+`delivery.concurrency` attempts at once, and hands every result to `relay.core.lifecycle.settle`,
+whose decision `OutcomeRecorder` records. It makes no decision of its own.
 
-- delivered -> the entry is removed;
-- transient -> attempts+1, `next_attempt` from Retry-After or the backoff (`relay.schedule`);
-  after `retry.lifetime` the message is dead (`4.4.7`) instead;
-- permanent -> dead with the reason, and a DSN (RFC 3464) to the envelope sender, itself a
-  spooled message (null sender, never bounced) so it gets the same durability and retries.
-
-Theory of operation. The spool on disk is the truth; the runner keeps an index (a heap of
-`(next_attempt, queue_id)`) only as a hint of what to look at when. Claiming is an atomic rename,
-so an entry the CLI deleted or retried simply fails to claim or shows up in the next rescan
-(every `RESCAN_SECONDS`). A worker that is cancelled (shutdown) puts its entry back unchanged;
-an entry left claimed by a process that died is counted as a crash by the spool's recovery.
+Theory of operation. The store is the truth and the only index: the loop sleeps until the next
+entry is due (`Store.next_due`), a wake-up (something was queued, a worker finished, an inline
+attempt freed a slot) or the rescan period, and every `rescan_seconds` calls `Store.refresh` to
+take in what other processes changed (queue CLI retries and deletions). An entry whose last
+outcome is not recorded yet is never claimed again. A worker that is cancelled (shutdown)
+releases its entry unchanged; an entry left claimed by a process that died is counted as a
+crash by the store's recovery.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
+import random
 import time
+from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
-from functools import partial
-from typing import TypeVar
 
 from relay.config.schema import Config
-from relay.core.errors import DeliveryError, TransientDeliveryError
-from relay.core.limits import CRASH_LIMIT
-from relay.core.message.prepare import BounceRequest, FailedRecipient, build_dsn, is_bounce
-from relay.core.schedule import Backoff, is_expired, next_attempt_at
-from relay.core.values import Delivered, EntryMeta, Outcome
-from relay.delivery.attempt import GraphAttempts, message_fields
-from relay.ops.metrics import NULL_METRICS, MetricsSink
-from relay.store.files.spool import Spool, SpoolUnavailableError
-from relay.store.queue_ids import new_queue_id
+from relay.core.lifecycle import Crashed, NoRoute, Result, SettlePolicy, settle
+from relay.core.values import EntryMeta
+from relay.delivery.attempt import GraphAttempts, message_fields, resolve_route, routed
+from relay.delivery.outcomes import OutcomeRecorder
+from relay.store.protocol import EntryNotFoundError, MailboxKey, Store, StoreUnavailableError
 
-__all__ = ["RESCAN_SECONDS", "QueueRunner"]
+__all__ = ["RESCAN_SECONDS", "QueueWorkers"]
 
 log = logging.getLogger("relay.delivery")
 
 RESCAN_SECONDS = 10.0
-SPOOL_THREADS = 32
-T = TypeVar("T")
+_LOOP_ERROR_PAUSE = 1.0
 
 
-class QueueRunner:
+class QueueWorkers:
     """Delivers queued entries; see the module docstring."""
 
     def __init__(
         self,
         *,
         config: Callable[[], Config],
-        spool: Spool,
+        store: Store,
         attempts: GraphAttempts,
+        outcomes: OutcomeRecorder,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
-        random_fraction: Callable[[], float],
-        metrics: MetricsSink = NULL_METRICS,
+        random_fraction: Callable[[], float] = random.random,
+        rescan_seconds: float = RESCAN_SECONDS,
     ) -> None:
         self._config = config
-        self._spool = spool
+        self._store = store
         self._attempts = attempts
-        self._metrics = metrics
+        self._outcomes = outcomes
         self._clock = clock
         self._monotonic = monotonic
         self._random = random_fraction
-        self._heap: list[tuple[float, str]] = []
-        self._index: dict[str, tuple[float, str, str]] = {}  # id -> (due, auth_object, mailbox)
-        self._workers: set[asyncio.Task[None]] = set()
+        self._rescan = rescan_seconds
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        # Entries the store could not read: left alone until this monotonic time (one rescan),
+        # so a failing disk is not asked for the same file in a tight loop.
+        self._resting: dict[str, float] = {}
         self._wake = asyncio.Event()
-        # Spool I/O (fsync-bound) gets its own threads: the loop's default pool has only
-        # cores + 4, and stores, claims and completes queued behind each other there.
-        self._threads = ThreadPoolExecutor(max_workers=SPOOL_THREADS, thread_name_prefix="spool")
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -90,302 +80,159 @@ class QueueRunner:
     def in_flight(self) -> int:
         return len(self._workers)
 
-    async def _io(self, call: Callable[..., T], *args: object, **kwargs: object) -> T:
-        """Run a blocking spool operation on the spool's threads."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._threads, partial(call, *args, **kwargs)
-        )
-
-    async def spool_io(self, call: Callable[..., T], *args: object, **kwargs: object) -> T:
-        """The same, for the inline path of the delivery engine."""
-        return await self._io(call, *args, **kwargs)
-
-    # --- lifecycle ------------------------------------------------------------------------
-
     async def start(self) -> None:
-        report = await self._io(self._spool.open)
-        log.info(
-            "spool recovered: %d requeued, %d quarantined, %d corrupt",
-            report.requeued,
-            report.quarantined,
-            report.corrupt,
-            extra={"event": "spool_recovered", **vars_of(report)},
-        )
-        await self._rescan()
-        self._loop_task = asyncio.create_task(self._run(), name="queue-runner")
-
-    async def stop(self, grace: float) -> None:
-        """Stop claiming; wait up to `grace` for attempts in progress; requeue the rest."""
-        self._stopping = True
-        self._wake.set()
-        if self._loop_task is not None:
-            await self._loop_task
-            self._loop_task = None
-        if self._workers:
-            _, pending = await asyncio.wait(set(self._workers), timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-        self._threads.shutdown(wait=False)  # every spool operation has completed by now
+        """Start the loop (the store is recovered by then)."""
+        self._loop_task = asyncio.create_task(self._run(), name="queue-workers")
 
     def stop_claiming(self) -> None:
         """Shutdown has begun: claim nothing more (stop() then waits for the workers)."""
         self._stopping = True
         self._wake.set()
 
-    def wake(self) -> None:
-        """Look again now, e.g. because an inline attempt freed a mailbox's Graph slot."""
-        self._wake.set()
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; wait up to `grace` for attempts in progress; release the rest."""
+        self.stop_claiming()
+        if self._loop_task is not None:
+            await self._loop_task
+            self._loop_task = None
+        if self._workers:
+            _, pending = await asyncio.wait(set(self._workers.values()), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
 
-    def schedule(self, meta: EntryMeta) -> None:
-        """Note an entry now in `queue/` (new, deferred or bounced) and wake the loop."""
-        self._index[meta.queue_id] = (meta.next_attempt, meta.auth_object, meta.mailbox)
-        heapq.heappush(self._heap, (meta.next_attempt, meta.queue_id))
+    def wake(self) -> None:
+        """Look again now: something was queued, or a mailbox's Graph slot is free again."""
         self._wake.set()
 
     # --- the loop -------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        next_rescan = self._monotonic() + RESCAN_SECONDS
+        next_rescan = self._monotonic() + self._rescan
         while not self._stopping:
+            self._wake.clear()  # before looking: a wake-up during _fill is not lost
             try:
                 wait = await self._fill()
                 if self._monotonic() >= next_rescan:
-                    await self._rescan()
-                    next_rescan = self._monotonic() + RESCAN_SECONDS
+                    self._outcomes.retry_now()  # kept outcomes land within one rescan
+                    await self._store.refresh()
+                    rested = self._monotonic()
+                    self._resting = {q: t for q, t in self._resting.items() if t > rested}
+                    next_rescan = self._monotonic() + self._rescan
                     wait = 0.0  # what the rescan found (CLI retry, lost hints) is due now
-                wait = min(wait, max(0.0, next_rescan - self._monotonic()))
-                self._wake.clear()
-                if wait > 0:
-                    try:
-                        async with asyncio.timeout(wait):
-                            await self._wake.wait()
-                    except TimeoutError:
-                        pass
-            except asyncio.CancelledError:
-                raise
+            except StoreUnavailableError as exc:  # cannot claim now (full or read-only disk)
+                log.warning("cannot claim queued mail: %s", exc, extra={"event": "claim_failed"})
+                wait = _LOOP_ERROR_PAUSE
             except Exception:  # the loop must outlive any single bad entry or disk hiccup
-                log.exception("queue runner error", extra={"event": "internal_error"})
-                await asyncio.sleep(1.0)
+                log.exception("queue worker loop error", extra={"event": "internal_error"})
+                wait = _LOOP_ERROR_PAUSE
+            wait = min(wait, max(0.0, next_rescan - self._monotonic()))
+            if wait > 0 and not self._stopping:
+                try:
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
 
     async def _fill(self) -> float:
         """Claim due entries while there is capacity; return seconds until worth looking again."""
         now = self._clock()
-        limit = self._config().delivery.concurrency
-        skipped: list[tuple[float, str]] = []
-        wait = RESCAN_SECONDS
-        while self._heap and len(self._workers) < limit and not self._stopping:
-            due, queue_id = self._heap[0]
-            hint = self._index.get(queue_id)
-            if hint is None or hint[0] != due:
-                heapq.heappop(self._heap)  # stale: rescheduled, claimed or deleted since
-                continue
-            if due > now:
-                wait = min(wait, due - now)
+        capacity = self._config().delivery.concurrency - len(self._workers)
+        if capacity <= 0:
+            return self._rescan  # a worker finishing wakes the loop
+        slots = self._attempts.slots
+        exclude: set[MailboxKey] = slots.busy_keys()
+        due = await self._store.due(now, capacity + len(self._workers), exclude)
+        starting: Counter[MailboxKey] = Counter()
+        started = 0
+        for entry in due:
+            if self._stopping or started >= capacity:
                 break
-            heapq.heappop(self._heap)
-            _, auth_object, mailbox = hint
-            if self._attempts.slots.busy(auth_object, mailbox):
-                skipped.append((due, queue_id))  # a worker finishing wakes us up
-                pause = self._attempts.slots.paused_for(auth_object, mailbox)
-                if pause > 0:
-                    wait = min(wait, pause)
+            key = slots.key(entry.auth_object, entry.mailbox)
+            if entry.queue_id in self._workers or self._outcomes.is_pending(entry.queue_id):
                 continue
-            del self._index[queue_id]
-            meta = await self._io(self._spool.claim, queue_id)
-            if meta is None:
+            if self._resting.get(entry.queue_id, 0.0) > self._monotonic():
                 continue
-            task = asyncio.create_task(self._work(meta), name=f"deliver-{queue_id}")
-            self._workers.add(task)
-            task.add_done_callback(self._worker_done)
-        for item in skipped:
-            heapq.heappush(self._heap, item)
-        return wait
+            if slots.busy(entry.auth_object, entry.mailbox, starting=starting[key]):
+                continue  # a worker finishing (or the pause ending) wakes the loop
+            claimed = await self._store.claim(entry.queue_id)
+            if claimed is None:
+                continue  # another worker, relay or the CLI got there first
+            starting[key] += 1
+            started += 1
+            self._spawn(claimed)
+        if started >= capacity:
+            return 0.0
+        return await self._idle_wait(now)
 
-    def _worker_done(self, task: asyncio.Task[None]) -> None:
-        self._workers.discard(task)
-        self._wake.set()
+    async def _idle_wait(self, now: float) -> float:
+        next_due = await self._store.next_due()
+        if next_due is None:
+            return self._rescan
+        if next_due > now:
+            return next_due - now
+        # Due but blocked: full or paused mailboxes, or unrecorded outcomes. A worker finishing
+        # or a recorded outcome wakes the loop; a pause ends by itself.
+        pause = self._attempts.slots.next_unpause()
+        return pause if pause is not None else self._rescan
 
-    async def _rescan(self) -> None:
-        """Rebuild the index from disk: picks up CLI retries, deletions and lost hints."""
-        entries = await self._io(self._spool.list, "queue")
-        self._heap = []
-        self._index = {}
-        for meta in entries:
-            self._index[meta.queue_id] = (meta.next_attempt, meta.auth_object, meta.mailbox)
-            self._heap.append((meta.next_attempt, meta.queue_id))
-        heapq.heapify(self._heap)
+    def _spawn(self, entry: EntryMeta) -> None:
+        task = asyncio.create_task(self._work(entry), name=f"deliver-{entry.queue_id}")
+        self._workers[entry.queue_id] = task
 
-    async def _work(self, meta: EntryMeta) -> None:
+        def done(_: asyncio.Task[None]) -> None:
+            self._workers.pop(entry.queue_id, None)
+            self._wake.set()
+
+        task.add_done_callback(done)
+
+    async def _work(self, entry: EntryMeta) -> None:
+        mime: bytes | None = None
+        result: Result
+        self._resting.pop(entry.queue_id, None)
         try:
-            mime = await self._io(self._spool.read_data, meta.queue_id)
-            outcome = await self._attempts.send(meta, mime)
-        except asyncio.CancelledError:
-            await self.release(meta)
-            raise
-        except Exception:
-            log.exception(
-                "delivery worker error", extra={"event": "internal_error", **message_fields(meta)}
-            )
-            await self.defer_after_crash(meta)
-            return
-        await self.settle(meta, outcome, mime)
-
-    # --- settling outcomes (also used by the inline attempt) ------------------------------
-
-    async def settle(self, meta: EntryMeta, outcome: Outcome, mime: bytes) -> None:
-        """Record the outcome of an attempt on a claimed entry; bounce when it dies."""
-        await asyncio.shield(self._settle(meta, outcome, mime))
-
-    async def _settle(self, meta: EntryMeta, outcome: Outcome, mime: bytes) -> None:
-        if isinstance(outcome, Delivered):
-            await self._io(self._spool.complete, meta.queue_id)
-            self._attempts.log_delivered(meta, outcome)
-            return
-        now = self._clock()
-        tried = meta_with(meta, attempts=meta.attempts + 1, last_error=_short(outcome))
-        retry = self._config().delivery.retry
-        if outcome.reply.is_transient and not is_expired(meta.created, now, retry.lifetime):
-            retry_after = (
-                outcome.retry_after if isinstance(outcome, TransientDeliveryError) else None
-            )
-            deferred = meta_with(
-                tried,
-                next_attempt=next_attempt_at(
-                    now=now,
-                    created=meta.created,
-                    attempts=tried.attempts,
-                    retry_after=retry_after,
-                    backoff=Backoff(retry.first, retry.max, retry.lifetime),
-                    random_fraction=self._random(),
-                ),
-            )
-            await self._io(self._spool.defer, deferred)
-            self._attempts.log_failure(deferred, outcome, "deferred")
-            self.schedule(deferred)
-            return
-        expired = outcome.reply.is_transient
-        reason = (
-            f"expired after {tried.attempts} attempts; last error: {_short(outcome)}"
-            if expired
-            else f"refused: {_short(outcome)}"
-        )
-        await self._io(self._spool.bury, tried, reason)
-        self._attempts.log_failure(tried, outcome, "expired" if expired else "failed")
-        await self._bounce(tried, outcome, mime, expired=expired)
-
-    async def refused_inline(self, meta: EntryMeta, outcome: DeliveryError) -> None:
-        """The waiting client was told the 5xx itself: the relay keeps nothing, sends no DSN."""
-        await asyncio.shield(self._io(self._spool.discard, meta.queue_id))
-        self._attempts.log_failure(meta, outcome, "failed")
-
-    async def release(self, meta: EntryMeta) -> None:
-        """Shutdown interrupted the attempt: back to the queue unchanged, not a crash."""
-        await asyncio.shield(self._io(self._spool.release, meta.queue_id))
-        self._index[meta.queue_id] = (meta.next_attempt, meta.auth_object, meta.mailbox)
-        heapq.heappush(self._heap, (meta.next_attempt, meta.queue_id))
-
-    async def defer_after_crash(self, meta: EntryMeta) -> None:
-        """An unexpected error handling this entry: retry later; after 3, keep it for people."""
-        crashed = meta_with(meta, crashes=meta.crashes + 1, last_error="internal error")
-        if crashed.crashes >= CRASH_LIMIT:
-            await asyncio.shield(
-                self._io(self._spool.bury, crashed, "internal error handling it 3 times")
-            )
-            return
-        retry = self._config().delivery.retry
-        deferred = meta_with(crashed, next_attempt=self._clock() + retry.first)
-        await asyncio.shield(self._io(self._spool.defer, deferred))
-        self.schedule(deferred)
-
-    async def _bounce(
-        self, meta: EntryMeta, failure: DeliveryError, mime: bytes, *, expired: bool
-    ) -> None:
-        config = self._config()
-        if not config.delivery.bounces or not meta.mail_from or meta.is_bounce or is_bounce(mime):
-            return
-        now = datetime.now(UTC)
-        queue_id = new_queue_id()
-        status = "4.4.7" if expired else failure.reply.status
-        diagnostic = f"smtp; {failure.reply}"
-        if failure.code:
-            diagnostic += f" (Graph {failure.code}; request-id {failure.request_id or 'none'})"
-        dsn = build_dsn(
-            BounceRequest(
-                original=mime,
-                envelope_from=meta.mail_from,
-                recipients=tuple(
-                    FailedRecipient(address=rcpt, status=status, diagnostic=diagnostic)
-                    for rcpt in meta.recipients
-                ),
-                reporting_mta=config.smtp.hostname,
-                queue_id=meta.queue_id,
-                arrival=datetime.fromtimestamp(meta.created, UTC),
-                now=now,
-                from_address=meta.mailbox,
-                message_id_local=queue_id,
-                reason_text=_reason_text(failure, expired=expired),
-            )
-        )
-        bounce = EntryMeta(
-            queue_id=queue_id,
-            created=self._clock(),
-            mail_from="",
-            recipients=(meta.mail_from,),
-            client="relay",
-            client_ip="",
-            auth_object=meta.auth_object,
-            mailbox=meta.mailbox,
-            route=meta.route,
-            message_id=f"<{queue_id}@{config.smtp.hostname}>",
-            size=len(dsn),
-            is_bounce=True,
-        )
-        try:
-            await self._io(self._spool.store, bounce, dsn)
-        except SpoolUnavailableError as exc:
-            log.error(
-                "cannot queue the bounce for %s: %s",
-                meta.queue_id,
+            mime = await self._store.read_message(entry.queue_id)
+            route = resolve_route(self._config(), entry)
+            if isinstance(route, NoRoute):
+                result = route
+            else:
+                entry = routed(entry, route)
+                result = await self._attempts.send(entry, mime, route)
+        except EntryNotFoundError as exc:  # set aside as corrupt, or removed by an operator
+            log.warning(
+                "not delivering %s: %s",
+                entry.queue_id,
                 exc,
-                extra={"event": "bounce_failed", **message_fields(meta)},
+                extra={"event": "entry_gone", **message_fields(entry)},
             )
             return
-        log.info(
-            "bounced %s to <%s> as %s",
-            meta.queue_id,
-            meta.mail_from,
-            queue_id,
-            extra={"event": "bounced", **message_fields(meta), "bounce_id": queue_id},
-        )
-        self._metrics.bounced(meta.route)
-        self.schedule(bounce)
+        except StoreUnavailableError as exc:  # cannot read it now: not an attempt, not a crash
+            log.warning(
+                "cannot read %s, putting it back: %s",
+                entry.queue_id,
+                exc,
+                extra={"event": "read_failed", **message_fields(entry)},
+            )
+            self._resting[entry.queue_id] = self._monotonic() + self._rescan
+            await self._outcomes.release(entry)
+            return
+        except asyncio.CancelledError:
+            await self._outcomes.release(entry)
+            raise
+        except Exception as exc:  # a bug must not lose the stored message
+            log.exception(
+                "delivery worker error", extra={"event": "internal_error", **message_fields(entry)}
+            )
+            result = Crashed(f"internal error ({type(exc).__name__})")
+        await self.settle(entry, result, mime)
 
-
-def meta_with(meta: EntryMeta, **changes: object) -> EntryMeta:
-    from dataclasses import replace
-
-    return replace(meta, **changes)  # type: ignore[arg-type]
-
-
-def vars_of(report: object) -> dict[str, object]:
-    return {name: getattr(report, name) for name in getattr(report, "__slots__", ())}
-
-
-def _short(failure: DeliveryError) -> str:
-    code = f" {failure.code}" if failure.code else ""
-    return f"{failure.reply}{code}"[:300]
-
-
-def _reason_text(failure: DeliveryError, *, expired: bool) -> str:
-    if expired:
-        text = (
-            "Microsoft 365 could not take the message for too long, so the relay gave up. "
-            f"The last answer was: {failure.reply.text}."
-        )
-    else:
-        text = f"Microsoft 365 refused the message: {failure.reply.text}."
-    if failure.remedy:
-        text += f" What an administrator can do: {failure.remedy}."
-    return text
+    async def settle(
+        self, entry: EntryMeta, result: Result, mime: bytes | None, *, answered: bool = False
+    ) -> None:
+        """Decide with the core and record the decision (also used by the inline attempt, which
+        says whether the waiting client `answered` heard a refusal itself)."""
+        policy = SettlePolicy.from_config(self._config())
+        now = self._clock()
+        decision = settle(entry, result, now, policy, jitter=self._random(), answered=answered)
+        await self._outcomes.carry_out(decision, result, mime)

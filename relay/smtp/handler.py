@@ -65,7 +65,7 @@ from relay.core.replies import (
     NON_ASCII_SENDER,
     SHUTTING_DOWN,
 )
-from relay.core.values import Submission
+from relay.core.values import Submission, SubmitOutcome
 from relay.ops.metrics import NULL_METRICS, MetricsSink
 from relay.smtp.auth import SmtpAuthenticator, without_empty_auth
 from relay.smtp.session import RelaySMTP
@@ -88,9 +88,9 @@ _UNSAFE_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
 
 class Submitter(Protocol):
-    """The delivery engine as the SMTP layer sees it: message in, final reply out."""
+    """The delivery engine as the SMTP layer sees it: message in, typed outcome out."""
 
-    async def submit(self, submission: Submission) -> SmtpReply: ...
+    async def submit(self, submission: Submission) -> SubmitOutcome: ...
 
 
 def _mail_from(envelope: Envelope) -> str:
@@ -359,7 +359,7 @@ class RelayHandler:
         # From here on only the prepared copy is needed: let a large original go now.
         del raw, message
         envelope.content = envelope.original_content = None
-        return await self._submitter.submit(
+        outcome = await self._submitter.submit(
             Submission(
                 queue_id=queue_id,
                 client=client.name,
@@ -371,6 +371,7 @@ class RelayHandler:
                 sender=sender,
             )
         )
+        return outcome.reply  # Accepted: 250 delivered/queued; Refused: its 4xx/5xx
 
 
 def _protocol(server: SMTP, session: Session) -> str:

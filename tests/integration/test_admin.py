@@ -586,7 +586,7 @@ async def test_a_delivered_message_shows_up_in_the_metrics(metered: Metered) -> 
     assert outcome.code == 250
     text = (await get(metered.admin, "/metrics")).text
     p = "smtp_graph_relay_"
-    route = {"route": "routes[0]"}
+    route = {"route": "*@contoso.com"}  # the route's label: its first sender pattern
     assert value(text, f"{p}messages_accepted_total", **route, outcome="delivered") == 1
     assert value(text, f"{p}messages_delivered_total", **route, auth_object="contoso") == 1
     assert value(text, f"{p}graph_request_duration_seconds_count") == 1
@@ -607,11 +607,10 @@ async def test_a_graph_refusal_is_counted_and_listed_with_its_remedy(
     assert outcome.code == 550
     text = (await get(metered.admin, "/metrics")).text
     p = "smtp_graph_relay_"
-    assert value(text, f"{p}messages_failed_total", route="routes[0]", reason="permanent") == 1
+    route = "*@contoso.com"  # the route's label: its first sender pattern
+    assert value(text, f"{p}messages_failed_total", route=route, reason="permanent") == 1
     assert value(text, f"{p}graph_errors_total", code="MailboxNotEnabledForRESTAPI") == 1
-    assert (
-        value(text, f"{p}messages_accepted_total", route="routes[0]", outcome="delivered") is None
-    )
+    assert value(text, f"{p}messages_accepted_total", route=route, outcome="delivered") is None
     [reported] = metered.metrics.recent_errors()
     assert reported.request_id
     page = (await get(metered.admin, "/")).text

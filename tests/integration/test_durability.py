@@ -247,6 +247,36 @@ async def test_no_bounce_for_the_null_sender(start_relay: RelayFactory, sandbox:
     assert sandbox.received == []
 
 
+ANY_SENDER = """\
+- name: local
+  networks: [127.0.0.1/32]
+  senders: ["*"]
+"""
+ANY_ROUTE = """\
+- senders: ["*"]
+  auth_object: contoso
+  mailbox: scanner@contoso.com
+"""
+
+
+async def test_no_backscatter_to_a_forged_sender_of_a_client_allowed_any_sender(
+    start_relay: RelayFactory, sandbox: Sandbox
+) -> None:
+    """Issue #11 item 5: under `senders: ["*"]` a forged MAIL FROM:<victim@external> that Graph
+    refuses for good is buried with its reason, and no DSN goes to the victim."""
+    sandbox.add_mailbox("scanner@contoso.com", send_as=["victim@external.example"])
+    relay = await start_relay(delivery=QUEUE, clients=ANY_SENDER, routes=ANY_ROUTE)
+    sandbox.faults.fail_graph(404, "ErrorInvalidUser", "unknown")
+    victim = "victim@external.example"
+    outcome = await asmtp_send(port_of(relay), message(sender=victim), sender=victim)
+    assert outcome.code == 250
+    await eventually(lambda: len(spool_of(relay).list("dead")) == 1)
+    await eventually(lambda: relay.delivery.in_flight == 0)
+    assert spool_of(relay).stats(time.time()).queued == 0
+    assert sandbox.graph_requests == 1
+    assert sandbox.received == []
+
+
 async def test_bounces_can_be_turned_off(start_relay: RelayFactory, sandbox: Sandbox) -> None:
     """delivery.bounces: false buries the message and sends nothing."""
     relay = await start_relay(delivery=QUEUE.replace("mode: queue", "mode: queue, bounces: false"))
@@ -349,12 +379,11 @@ async def test_shutdown_requeues_what_is_in_flight_and_a_restart_delivers_it(
 
 
 async def test_an_entry_found_by_the_rescan_is_delivered_at_once(
-    start_relay: RelayFactory, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+    start_relay: RelayFactory, sandbox: Sandbox
 ) -> None:
     """An entry the runner was not told about (CLI retry, another process) goes out right after
     the next rescan, not one rescan period later."""
-    monkeypatch.setattr("relay.delivery.workers.RESCAN_SECONDS", 0.3)
-    relay = await start_relay(delivery=QUEUE)
+    relay = await start_relay(delivery=QUEUE, rescan_seconds=0.3)
     spool_of(relay).store(outside_entry("FROMOUTSIDE1"), message(subject="from outside"))
     started = time.monotonic()
     [mail] = await sandbox.wait_for_mail(1, timeout=5)

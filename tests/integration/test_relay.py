@@ -241,7 +241,7 @@ async def test_delivery_log_line_carries_the_message_facts(
     assert facts["client"] == "local"
     assert facts["mail_from"] == MAILBOX
     assert facts["recipients"] == 1
-    assert facts["route"] == "routes[0]"
+    assert facts["route"] == "*@contoso.com"  # the route's label: its first sender pattern
     assert facts["mailbox"] == MAILBOX
     assert facts["graph_status"] == 202
     assert facts["request_id"] == sandbox.received[0].request_id

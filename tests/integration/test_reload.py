@@ -9,7 +9,9 @@ import smtplib
 import ssl
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -200,3 +202,100 @@ async def test_sighup_under_load_loses_nothing_and_rejects_a_broken_file(
             await restarted.wait()
     assert len(load.accepted) >= 8
     assert SECRET not in (tmp_path / "relay.yaml").read_text()
+
+
+# --- routes are found again by sender at each attempt (#10 item 3) ----------------------------
+
+SECOND_CLIENT_ID = "1b2c3d4e-5f60-4a7b-8c9d-0e1f2a3b4c5d"
+OPS = "ops@contoso.com"
+QUEUE_SLOWLY = "{mode: queue, retry: {first: 1h, max: 1h, lifetime: 5d}}"
+INSERTED_AND_REORDERED = f"""\
+- senders: ["{OPS}"]
+  name: operations
+  auth_object: second
+  mailbox: ops-box@contoso.com
+- senders: ["*@contoso.com"]
+  name: staff
+  auth_object: contoso
+  mailbox: shared@contoso.com
+  save_to_sent_items: false
+"""
+
+
+def with_second_auth_object(text: str, sandbox: Sandbox) -> str:
+    """`text` with a second auth object, `second`, for another app in the same tenant."""
+    second = "\n".join(
+        [
+            "  second:",
+            f"    tenant_id: {TENANT}",
+            f"    client_id: {SECOND_CLIENT_ID}",
+            "    client_secret_env: RELAY_TEST_SECRET",
+            f"    authority_host: {sandbox.authority_host}",
+            f"    graph_endpoint: {sandbox.graph_endpoint}",
+            f"    ca_file: {sandbox.ca_file}",
+            "",
+        ]
+    )
+    return text.replace("\nroutes:\n", f"\n{second}routes:\n", 1)
+
+
+async def test_queued_mail_takes_the_route_its_sender_matches_after_a_reload(
+    start_relay: RelayFactory, sandbox: Sandbox, tmp_path: Path, log_records: Any
+) -> None:
+    """Two messages wait in the queue; a reload inserts a route before the one that took them
+    and changes that one. Each then goes out through the route its sender matches now: its
+    auth object, its mailbox and its save_to_sent_items, never the route at its old position."""
+    sandbox.add_app(TENANT, SECOND_CLIENT_ID, secret=SECRET)
+    sandbox.add_mailbox(OPS)
+    sandbox.add_mailbox("shared@contoso.com", send_as=[MAILBOX])
+    sandbox.add_mailbox("ops-box@contoso.com", send_as=[OPS])
+    sandbox.faults.fail_graph(503, "ServiceUnavailable", "try later", times=2)
+    relay = await start_relay(delivery=QUEUE_SLOWLY)
+    port = relay.listeners[0].port
+    ids = []
+    for sender in (MAILBOX, OPS):
+        outcome = await asmtp_send(port, message(sender=sender), sender=sender)
+        assert outcome.code == 250
+        ids.append(outcome.text.rsplit(" ", 1)[-1])
+    assert relay.store is not None
+    store = relay.store
+
+    async def both_deferred() -> bool:
+        found = [await store.find(qid) for qid in ids]
+        return all(f is not None and f[0] == "queue" and f[1].attempts == 1 for f in found)
+
+    await until(both_deferred)
+    text = relay_config_text(sandbox, routes=INSERTED_AND_REORDERED, delivery=QUEUE_SLOWLY)
+    assert relay.reload(build_config(with_second_auth_object(text, sandbox), tmp_path)) == []
+    for qid in ids:  # `queue retry`: due now instead of in an hour
+        assert await store.retry(qid)
+    relay.delivery.wake()
+    mails = await sandbox.wait_for_mail(2)
+    by_mailbox = {m.mailbox: m for m in mails}
+    assert set(by_mailbox) == {"shared@contoso.com", "ops-box@contoso.com"}
+    staff = by_mailbox["shared@contoso.com"]
+    assert (staff.kind, staff.save_to_sent_items, staff.from_address) == ("json", False, MAILBOX)
+    assert by_mailbox["ops-box@contoso.com"].kind == "mime"
+
+    def delivered() -> dict[str, tuple[str, str]]:
+        records = log_records.records
+        return {
+            r.queue_id: (r.route, r.auth_object)
+            for r in records
+            if getattr(r, "event", "") == "delivered"
+        }
+
+    async def both_delivered() -> bool:
+        return len(delivered()) == 2
+
+    await until(both_delivered)
+    assert delivered() == {ids[0]: ("staff", "contoso"), ids[1]: ("operations", "second")}
+
+
+async def until(condition: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    """Poll an async condition with a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)

@@ -23,9 +23,8 @@ import pytest
 from argon2 import PasswordHasher
 
 from relay.config.schema import ClientConfig, Config
-from relay.core.errors import SmtpReply
 from relay.core.policy import identify_client
-from relay.core.values import Submission
+from relay.core.values import Accepted, Submission
 from relay.ops.logs import setup_logging
 from relay.sandbox import Sandbox
 from relay.service import RelayService
@@ -410,9 +409,9 @@ class AcceptingSubmitter:
     def __init__(self) -> None:
         self.submitted: list[Submission] = []
 
-    async def submit(self, submission: Submission) -> SmtpReply:
+    async def submit(self, submission: Submission) -> Accepted:
         self.submitted.append(submission)
-        return SmtpReply(250, "2.0.0", f"Ok: queued {submission.queue_id}")
+        return Accepted(submission.queue_id, "queued")
 
 
 @dataclass

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from relay.config.schema import Config
-from relay.core.errors import SmtpReply
-from relay.core.values import Submission
+from relay.core.values import Submission, SubmitOutcome
 from relay.sandbox import Sandbox
 from relay.smtp.connections import ConnectionLimiter
 from relay.smtp.handler import RelayHandler
@@ -26,7 +25,7 @@ class ExplodingSubmitter:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def submit(self, submission: Submission) -> SmtpReply:
+    async def submit(self, submission: Submission) -> SubmitOutcome:
         self.calls += 1
         raise RuntimeError("secret internal detail /var/lib/relay token=abc")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from relay.core.errors import (
     SmtpReply,
     TransientDeliveryError,
 )
-from relay.core.values import EntryMeta, SendTarget
+from relay.core.values import EntryMeta, Route
 from relay.delivery.attempt import GraphAttempts
 from relay.ops.metrics import (
     MAX_ERROR_CODES,
@@ -32,6 +31,7 @@ from relay.ops.metrics import (
 )
 from relay.ops.queue_gauges import QueueReading
 from relay.store.protocol import StoreStats
+from relay.testing.fake_graph import FakeGraph
 
 P = "smtp_graph_relay_"
 
@@ -334,26 +334,17 @@ CONFIG = textwrap.dedent(
 )
 
 
-@dataclass(frozen=True)
-class Accepted:
-    status: int = 202
-    request_id: str | None = "rid-ok"
+def ScriptedGraph(*outcomes: DeliveryError | None) -> FakeGraph:  # noqa: N802
+    """An honest GraphSender answering each call with the next scripted outcome."""
+    graph = FakeGraph()
+    graph.answer(*outcomes)
+    return graph
 
 
-class ScriptedGraph:
-    """An honest GraphSender: answers each call with the next scripted outcome."""
-
-    def __init__(self, *outcomes: DeliveryError | None) -> None:
-        self._outcomes = list(outcomes)
-
-    async def send_mime(self, target: SendTarget, mime: bytes) -> Accepted:
-        outcome = self._outcomes.pop(0)
-        if outcome is not None:
-            raise outcome
-        return Accepted()
+ROUTE = Route(name="*@contoso.com", auth_object="contoso", mailbox="scanner@contoso.com")
 
 
-def attempts_with(graph: ScriptedGraph, metrics: RelayMetrics, tmp_path: Path) -> GraphAttempts:
+def attempts_with(graph: FakeGraph, metrics: RelayMetrics, tmp_path: Path) -> GraphAttempts:
     config: Config = parse_config(CONFIG, base_dir=tmp_path, environ={"SECRET": "s3cr3t-value"})
     ticks = iter(float(n) for n in range(1000))
     return GraphAttempts(
@@ -386,8 +377,8 @@ async def test_attempts_report_graph_answers_with_their_latency(tmp_path: Path) 
         http_status=403,
     )
     attempts = attempts_with(ScriptedGraph(None, denied), metrics, tmp_path)
-    await attempts.send(META, b"Subject: x\r\n\r\nbody\r\n")
-    await attempts.send(META, b"Subject: x\r\n\r\nbody\r\n")
+    await attempts.send(META, b"Subject: x\r\n\r\nbody\r\n", ROUTE)
+    await attempts.send(META, b"Subject: x\r\n\r\nbody\r\n", ROUTE)
     assert sample(metrics, f"{P}graph_responses_total", status_class="2xx", status="202") == 1
     assert sample(metrics, f"{P}graph_responses_total", status_class="4xx", status="403") == 1
     assert sample(metrics, f"{P}graph_errors_total", code="ErrorSendAsDenied") == 1
@@ -408,8 +399,8 @@ async def test_attempts_do_not_count_token_failures_as_graph_answers(tmp_path: P
         http_status=401,
     )
     attempts = attempts_with(ScriptedGraph(entra_down, refused_401), metrics, tmp_path)
-    await attempts.send(META, b"Subject: x\r\n\r\nbody\r\n")
-    await attempts.send(META, b"Subject: x\r\n\r\nbody\r\n")
+    await attempts.send(META, b"Subject: x\r\n\r\nbody\r\n", ROUTE)
+    await attempts.send(META, b"Subject: x\r\n\r\nbody\r\n", ROUTE)
     assert sample(metrics, f"{P}graph_responses_total", status_class="5xx", status="503") is None
     assert sample(metrics, f"{P}graph_responses_total", status_class="4xx", status="401") == 1
 

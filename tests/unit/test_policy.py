@@ -17,7 +17,6 @@ from relay.core.policy import (
     identify_client,
     matches_any,
 )
-from relay.core.values import route_index
 
 PRINTERS = ClientConfig.model_validate(
     {"name": "printers", "networks": ["10.0.5.0/24"], "senders": ["scanner@contoso.com"]}
@@ -114,7 +113,7 @@ def test_first_matching_route_wins_and_resolves_the_mailbox() -> None:
     assert (fixed.auth_object, fixed.mailbox, fixed.name) == (
         "ops",
         "noreply@contoso.com",
-        "routes[0]",
+        "alerts@contoso.com",
     )
     own = choose_route(ROUTES, "Jane@contoso.com")
     assert (own.auth_object, own.mailbox) == ("contoso", "Jane@contoso.com")
@@ -144,17 +143,14 @@ def test_glob_matching_is_whole_address_and_case_insensitive(
     assert matches_any(address, patterns) is expected
 
 
-@pytest.mark.parametrize("index", [0, 7, 123])
-def test_route_index_reads_back_the_route_name(index: int) -> None:
-    """Queued entries store the route by name; route_index finds it again after a reload."""
-    route = choose_route(ROUTES, "jane@contoso.com")
-    assert route_index(type(route)(index, route.auth_object, route.mailbox).name) == index
-
-
-@pytest.mark.parametrize("name", ["", "routes[]", "routes[-1]", "route[1]", "routes[1] ", "x"])
-def test_route_index_of_anything_else_is_none(name: str) -> None:
-    """A name not written by Route.name selects no route."""
-    assert route_index(name) is None
+def test_a_route_is_named_by_its_name_else_its_first_sender_pattern() -> None:
+    """The name is a label for logs and metrics; a route's flags travel with it."""
+    named = RouteConfig(
+        senders=["*@contoso.com"], name="main", auth_object="contoso", save_to_sent_items=False
+    )
+    route = choose_route([named], "jane@contoso.com")
+    assert (route.name, route.save_to_sent_items, route.needs_json) == ("main", False, True)
+    assert choose_route(ROUTES, "jane@contoso.com").name == "*@contoso.com"
 
 
 # --- spoofing through author fields we cannot read (issue #11 item 1) -----------------------------
