@@ -77,13 +77,16 @@ def _message(payload: bytes) -> None:
     assert {canonical_address(a) for a in prepared.header_recipients} == {"bob@partner.example"}
 
 
+def _authors(raw: bytes) -> tuple[str, ...]:
+    """The author addresses the SMTP layer checks, from the one header split of a DATA."""
+    return read_authors(split_header_from_body(raw).fields).addresses
+
+
 def _policy(payload: bytes) -> None:
     text = _UNSAFE.sub("", payload.decode("utf-8", "surrogateescape"))
-    try:
-        client = identify_client(CONFIG.clients, "10.0.5.9")
+    client = identify_client(CONFIG.clients, "10.0.5.9")  # a configured network client
+    with contextlib.suppress(PolicyError):
         check_envelope_sender(client, text)
-    except PolicyError:
-        pass
     try:
         authors = _authors(payload)
     except UnreadableAuthorError:
@@ -119,8 +122,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _authors(raw: bytes) -> tuple[str, ...]:
-    """The author addresses the SMTP layer checks, from the one header split of a DATA."""
-    return read_authors(split_header_from_body(raw).fields).addresses
