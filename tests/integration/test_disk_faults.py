@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
-import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -25,30 +22,17 @@ from relay.sandbox import Sandbox
 from relay.service import RelayService
 from relay.store.files.store import FileStore
 from tests.conftest import asmtp_send, build_config, message, relay_config_text
+from tests.mounts import run, tmpfs_mount
 
 RESCAN = 0.5  # seconds; "settles within one rescan" is checked against this
 SMALL = "max_message_size: 1MB\n"  # the spool's reserve is 1.5 x this: a 20 MB disk takes mail
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=False)
-
-
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A real 20 MB tmpfs for the spool, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    if shutil.which("mount") is None:
-        pytest.skip("mount is not installed")
-    mountpoint = tmp_path / "spool-disk"
-    mountpoint.mkdir()
-    mounted = _run("mount", "-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", str(mountpoint))
-    if mounted.returncode != 0:
-        pytest.skip(f"mount is not permitted here: {mounted.stderr.strip()}")
-    yield mountpoint
-    _run("mount", "-o", "remount,rw", str(mountpoint))
-    _run("umount", "-l", str(mountpoint))
+    with tmpfs_mount(tmp_path / "spool-disk", "20m") as mountpoint:
+        yield mountpoint
 
 
 def relay_on(sandbox: Sandbox, disk: Path, tmp_path: Path) -> RelayService:
@@ -171,7 +155,7 @@ async def test_a_read_only_disk_mid_delivery_sends_nothing_twice(
         sandbox.faults.hold_graph()
         await send(relay, 4)
         await until(lambda: relay.delivery.in_flight == 4)
-        remounted = _run("mount", "-o", "remount,ro", str(tmpfs))
+        remounted = run("mount", "-o", "remount,ro", str(tmpfs))
         if remounted.returncode != 0:
             pytest.skip(f"remounting read-only is not permitted: {remounted.stderr.strip()}")
         sandbox.faults.release_graph()
@@ -181,7 +165,7 @@ async def test_a_read_only_disk_mid_delivery_sends_nothing_twice(
         assert "degraded: outcomes not recorded: 4" in (await get(admin, "/healthz"))[1]
         assert (await get(admin, "/readyz"))[0] == 503
         assert (await store_of(relay).stats(0)).active == 4
-        assert _run("mount", "-o", "remount,rw", str(tmpfs)).returncode == 0
+        assert run("mount", "-o", "remount,rw", str(tmpfs)).returncode == 0
         await until(lambda: not list(health.degraded()), within=RESCAN + 1.0)
         stats = await store_of(relay).stats(0)
         assert (stats.queued, stats.active) == (0, 0)

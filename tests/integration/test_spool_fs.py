@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +19,7 @@ from relay.core.values import EntryMeta
 from relay.store.files import FileStore
 from relay.store.files.spool import Spool, SpoolUnavailableError
 from relay.store.protocol import StoreUnavailableError
+from tests.mounts import run, tmpfs_mount
 
 NOW = 1_700_000_000.0
 
@@ -41,24 +40,11 @@ def entry(queue_id: str, size: int) -> EntryMeta:
     )
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=False)
-
-
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    if shutil.which("mount") is None or shutil.which("umount") is None:
-        pytest.skip("mount/umount are not installed")
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    mounted = _run("mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mountpoint))
-    if mounted.returncode != 0:
-        pytest.skip(f"mount is not permitted in this sandbox: {mounted.stderr.strip()}")
-    yield mountpoint
-    _run("umount", "-l", str(mountpoint))
+    with tmpfs_mount(tmp_path / "mnt", "2m") as mountpoint:
+        yield mountpoint
 
 
 class NoReserveSpool(Spool):
@@ -116,7 +102,7 @@ def test_a_read_only_spool_refuses_new_mail_and_keeps_the_old(tmpfs: Path) -> No
     spool.open()
     try:
         spool.store(entry("OLD", 5), b"hello")
-        remounted = _run("mount", "-o", "remount,ro", str(tmpfs))
+        remounted = run("mount", "-o", "remount,ro", str(tmpfs))
         if remounted.returncode != 0:
             pytest.skip(f"remounting read-only is not permitted: {remounted.stderr.strip()}")
         with pytest.raises(SpoolUnavailableError) as caught:
@@ -128,7 +114,7 @@ def test_a_read_only_spool_refuses_new_mail_and_keeps_the_old(tmpfs: Path) -> No
         found = spool.find("OLD")
         assert found is not None
         assert found[0] == "queue"
-        assert _run("mount", "-o", "remount,rw", str(tmpfs)).returncode == 0
+        assert run("mount", "-o", "remount,rw", str(tmpfs)).returncode == 0
         spool.store(entry("NEW", 5), b"hello")
         assert spool.claim("OLD") is not None
     finally:
@@ -164,14 +150,14 @@ async def test_a_settle_refused_by_a_read_only_disk_can_be_made_again(tmpfs: Pat
     claimed; once writable, the same complete succeeds: no restart, no crash counted."""
     store = await _claimed(tmpfs)
     try:
-        remounted = _run("mount", "-o", "remount,ro", str(tmpfs))
+        remounted = run("mount", "-o", "remount,ro", str(tmpfs))
         if remounted.returncode != 0:
             pytest.skip(f"remounting read-only is not permitted: {remounted.stderr.strip()}")
         with pytest.raises(StoreUnavailableError) as caught:
             await store.complete("HELD")
         assert getattr(caught.value.__cause__, "errno", None) == errno.EROFS
         await _still_held(store)
-        assert _run("mount", "-o", "remount,rw", str(tmpfs)).returncode == 0
+        assert run("mount", "-o", "remount,rw", str(tmpfs)).returncode == 0
         await store.complete("HELD")
         assert await store.find("HELD") is None
         assert (await store.stats(NOW)).active == 0
