@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from relay.core.limits import MAILBOX_CONCURRENCY
-from relay.store.protocol import MailboxKey
+from relay.store.protocol import MailboxKey, mailbox_key
 
 __all__ = ["MailboxSlots"]
 
@@ -30,7 +30,7 @@ class MailboxSlots:
 
     @staticmethod
     def key(auth_object: str, mailbox: str) -> MailboxKey:
-        return (auth_object, mailbox.casefold())
+        return mailbox_key(auth_object, mailbox)
 
     def users(self, auth_object: str, mailbox: str) -> int:
         """Requests holding or waiting for a slot of this mailbox."""

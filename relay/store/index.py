@@ -25,17 +25,17 @@ from collections.abc import Collection, Iterable, Iterator
 from typing import TypeVar
 
 from relay.core.values import EntryMeta, State
-from relay.store.protocol import MailboxKey, StoreStats
+from relay.store.protocol import MailboxKey, StoreStats, mailbox_key
 
-__all__ = ["StoreIndex", "mailbox_key"]
+__all__ = ["StoreIndex", "entry_mailbox"]
 
 _Key = TypeVar("_Key", tuple[float, float, str], tuple[float, str])
 _PENDING: tuple[State, ...] = ("queue", "active")
 
 
-def mailbox_key(entry: EntryMeta) -> MailboxKey:
-    """The unit `due(exclude=...)` leaves out: (auth object, mailbox casefolded)."""
-    return (entry.auth_object, entry.mailbox.casefold())
+def entry_mailbox(entry: EntryMeta) -> MailboxKey:
+    """The unit `due(exclude=...)` leaves out: the entry's `mailbox_key`."""
+    return mailbox_key(entry.auth_object, entry.mailbox)
 
 
 def _due_key(entry: EntryMeta) -> tuple[float, float, str]:
@@ -77,7 +77,7 @@ class StoreIndex:
         if state == "queue":
             self._queued[qid] = entry
             bisect.insort(self._due, _due_key(entry))
-            bisect.insort(self._by_box.setdefault(mailbox_key(entry), []), _due_key(entry))
+            bisect.insort(self._by_box.setdefault(entry_mailbox(entry), []), _due_key(entry))
         if state in _PENDING:
             self._created[qid] = entry.created
             bisect.insort(self._pending, (entry.created, qid))
@@ -90,10 +90,10 @@ class StoreIndex:
         self._counts[state] -= 1
         if (queued := self._queued.pop(queue_id, None)) is not None:
             _discard(self._due, _due_key(queued))
-            box = self._by_box[mailbox_key(queued)]
+            box = self._by_box[entry_mailbox(queued)]
             _discard(box, _due_key(queued))
             if not box:
-                del self._by_box[mailbox_key(queued)]
+                del self._by_box[entry_mailbox(queued)]
         if (created := self._created.pop(queue_id, None)) is not None:
             _discard(self._pending, (created, queue_id))
 
@@ -110,7 +110,7 @@ class StoreIndex:
                 self._created[entry.queue_id] = entry.created
         self._due = sorted(_due_key(e) for e in self._queued.values())
         for entry in self._queued.values():
-            self._by_box.setdefault(mailbox_key(entry), []).append(_due_key(entry))
+            self._by_box.setdefault(entry_mailbox(entry), []).append(_due_key(entry))
         for box in self._by_box.values():
             box.sort()
         self._pending = sorted((created, qid) for qid, created in self._created.items())

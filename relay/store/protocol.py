@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from relay.core.errors import RelayError
+from relay.core.message.addresses import fold_ascii
 from relay.core.values import EntryMeta, State
 
 __all__ = [
@@ -60,10 +61,18 @@ __all__ = [
     "StoreStats",
     "StoreUnavailableError",
     "crash_reason",
+    "mailbox_key",
 ]
 
-# (auth object name, mailbox casefolded): the unit Graph counts concurrency and budgets in.
+# (auth object name, mailbox with ASCII letters lowered): the unit Graph counts concurrency and
+# budgets in. Built only by `mailbox_key`, so every store and the delivery slots agree.
 MailboxKey = tuple[str, str]
+
+
+def mailbox_key(auth_object: str, mailbox: str) -> MailboxKey:
+    """The mailbox compared as Exchange compares addresses: A-Z without case, nothing else folded
+    (`straße@` and `strasse@` are two mailboxes, with two budgets)."""
+    return (auth_object, fold_ascii(mailbox))
 
 
 def crash_reason(crashes: int) -> str:

@@ -27,7 +27,7 @@ import pytest
 from relay.core.limits import CRASH_LIMIT
 from relay.core.values import EntryMeta, State
 from relay.store.integrity import digest
-from relay.store.protocol import EntryNotFoundError, Store, StoreStats, crash_reason
+from relay.store.protocol import EntryNotFoundError, Store, StoreStats, crash_reason, mailbox_key
 
 NOW = 1_700_000_000.0
 MESSAGE = b"From: scanner@contoso.com\r\nSubject: scan\r\n\r\nbody\r\n"
@@ -191,12 +191,20 @@ class StoreContract(ABC):
             await store.put(entry(f"Q{n}", created=NOW + n), MESSAGE)
         assert [e.queue_id for e in await store.due(NOW, 2)] == ["Q0", "Q1"]
 
-    async def test_due_leaves_out_excluded_mailboxes_casefolded(self, store: Store) -> None:
+    async def test_due_leaves_out_excluded_mailboxes_without_ascii_case(self, store: Store) -> None:
         await store.put(entry("BUSY", mailbox="Scanner@Contoso.com"), MESSAGE)
         await store.put(entry("OTHER", created=NOW + 1, mailbox="desk@contoso.com"), MESSAGE)
         await store.put(entry("SAME", created=NOW + 2, auth_object="fabrikam"), MESSAGE)
         due = await store.due(NOW, 10, exclude={("contoso", "scanner@contoso.com")})
         assert [e.queue_id for e in due] == ["OTHER", "SAME"]
+
+    async def test_due_keeps_a_unicode_look_alike_mailbox_apart(self, store: Store) -> None:
+        """Excluding strasse@ leaves straße@ due: Exchange folds ASCII letters only, so these are
+        two mailboxes with their own concurrency and budgets."""
+        await store.put(entry("Q1", mailbox="x@straße.de"), b"m1")
+        await store.put(entry("Q2", mailbox="x@strasse.de"), b"m2")
+        due = await store.due(NOW, 10, exclude={mailbox_key("contoso", "X@Strasse.de")})
+        assert [e.queue_id for e in due] == ["Q1"]
 
     async def test_due_limit_counts_only_entries_not_excluded(self, store: Store) -> None:
         await store.put(entry("BUSY1"), MESSAGE)

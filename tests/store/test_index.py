@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from relay.core.values import EntryMeta, State
-from relay.store.index import StoreIndex, mailbox_key
+from relay.store.index import StoreIndex, entry_mailbox
 from relay.store.protocol import MailboxKey, StoreStats
 from tests.store.contract import NOW, entry
 
@@ -37,7 +37,7 @@ def scanned_due(
     due = [
         e
         for e, state in placed.values()
-        if state == "queue" and e.next_attempt <= now and mailbox_key(e) not in exclude
+        if state == "queue" and e.next_attempt <= now and entry_mailbox(e) not in exclude
     ]
     due.sort(key=lambda e: (e.next_attempt, e.created, e.queue_id))
     return [e.queue_id for e in due[:limit]]
