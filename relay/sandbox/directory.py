@@ -15,11 +15,20 @@ from cryptography.hazmat.primitives import hashes
 
 from .pki import thumbprint_b64url
 
-__all__ = ["AppRegistration", "Directory", "Mailbox", "is_valid_address"]
+__all__ = ["AppRegistration", "Directory", "Mailbox", "address_key", "is_valid_address"]
+
+# Exchange matches SMTP addresses without case for the ASCII letters only: str.lower() would also
+# turn the Kelvin sign (U+212A) into "k", making a look-alike From pass the Send-As check.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 # Deliberately simple: Exchange only needs a resolvable SMTP address, local@domain, with no
 # whitespace or address-list punctuation. Quoted local parts are rare enough to refuse.
 _ADDRESS = re.compile(r"[^\s@<>()\[\],;:\"\\]+@[\w-]+(\.[\w-]+)*")
+
+
+def address_key(address: str) -> str:
+    """`address` as Exchange compares it: A-Z lowered, nothing else folded."""
+    return address.translate(_ASCII_LOWER)
 
 
 def is_valid_address(address: str) -> bool:
@@ -48,7 +57,7 @@ class Mailbox:
     send_as: frozenset[str]
 
     def may_send_as(self, address: str) -> bool:
-        wanted = address.lower()
+        wanted = address_key(address)
         return wanted == self.address or wanted in self.send_as
 
 
@@ -106,15 +115,15 @@ class Directory:
         """Create (or replace) a mailbox that may send as itself and as each of `send_as`."""
         if not is_valid_address(address):
             raise ValueError(f"not an SMTP address: {address!r}")
-        self._mailboxes[address.lower()] = Mailbox(
-            address=address.lower(),
+        self._mailboxes[address_key(address)] = Mailbox(
+            address=address_key(address),
             licensed=licensed,
-            send_as=frozenset(a.lower() for a in send_as),
+            send_as=frozenset(address_key(a) for a in send_as),
         )
 
     def find_mailbox(self, address: str) -> Mailbox | None:
         """The mailbox for `address`; with `open_mailboxes`, any plausible address has one."""
-        found = self._mailboxes.get(address.lower())
+        found = self._mailboxes.get(address_key(address))
         if found is None and self.open_mailboxes and is_valid_address(address):
-            return Mailbox(address=address.lower(), licensed=True, send_as=frozenset())
+            return Mailbox(address=address_key(address), licensed=True, send_as=frozenset())
         return found

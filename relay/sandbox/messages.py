@@ -18,7 +18,7 @@ from email.policy import compat32
 from email.utils import getaddresses
 from typing import Any, Literal
 
-from .directory import Mailbox, is_valid_address
+from .directory import Mailbox, address_key, is_valid_address
 
 __all__ = [
     "GraphError",
@@ -90,7 +90,7 @@ def check_mime(mime: bytes, mailbox: Mailbox) -> Submission:
     message = BytesHeaderParser(policy=compat32).parsebytes(mime)
     recipients = _check_recipients(_addresses(message, "To", "Cc", "Bcc"))
     senders = _addresses(message, "From")
-    sender = senders[0].lower() if senders else mailbox.address
+    sender = address_key(senders[0]) if senders else mailbox.address
     if not mailbox.may_send_as(sender):
         raise GraphError(403, "ErrorSendAsDenied", SEND_AS_DENIED)
     return Submission(
@@ -130,7 +130,7 @@ def parse_json_submission(body: bytes, mailbox: Mailbox) -> Submission:
     sender = mailbox.address
     if message.get("from") is not None:
         from_list = _json_recipients([message["from"]], "from")
-        sender = from_list[0].lower() if from_list and from_list[0] else mailbox.address
+        sender = address_key(from_list[0]) if from_list and from_list[0] else mailbox.address
     _check_internet_headers(_collection(message, "internetMessageHeaders"))
     _check_body(message.get("body"))
     if not mailbox.may_send_as(sender):
@@ -161,7 +161,7 @@ def _addresses(message: Message, *names: str) -> list[str]:
 
 
 def _check_recipients(addresses: Iterable[str]) -> tuple[str, ...]:
-    found = tuple(address.lower() for address in addresses)
+    found = tuple(address_key(address) for address in addresses)
     if not found:
         raise GraphError(400, "ErrorInvalidRecipients", NO_RECIPIENTS)
     for address in found:

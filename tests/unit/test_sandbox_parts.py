@@ -115,6 +115,18 @@ def test_mime_sender_is_checked_against_send_as_rights() -> None:
     assert (denied.value.status, denied.value.code) == (403, "ErrorSendAsDenied")
 
 
+@pytest.mark.parametrize("look_alike", ["\u212aeeper@x.org", "\u017fender@x.org"])
+def test_a_unicode_look_alike_of_a_send_as_address_is_another_address(look_alike: str) -> None:
+    """Exchange folds ASCII letters only: the Kelvin sign and the long s make another address,
+    so the sandbox denies Send-As as Exchange would (lower() folds the first, casefold() both)."""
+    box = Mailbox(
+        "noreply@x.org", licensed=True, send_as=frozenset({"keeper@x.org", "sender@x.org"})
+    )
+    assert box.may_send_as("KEEPER@X.org")
+    assert box.may_send_as("Sender@x.org")
+    assert not box.may_send_as(look_alike)
+
+
 def test_encoded_subject_is_decoded_for_the_index() -> None:
     """The subject recorded for index.html is the decoded RFC 2047 text."""
     raw = "To: a@x.org\r\nSubject: =?utf-8?b?w4RyZ2Vy?=\r\n\r\n"
