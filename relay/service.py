@@ -22,6 +22,7 @@ from pathlib import Path
 from relay.config.load import load_config
 from relay.config.schema import Config, ListenerConfig
 from relay.core.errors import ConfigError
+from relay.core.start_problems import CannotStartError, Listening
 from relay.delivery.attempt import size_limit
 from relay.delivery.engine import DeliveryEngine
 from relay.delivery.workers import RESCAN_SECONDS
@@ -30,6 +31,7 @@ from relay.graph.tokens import TokenProvider
 from relay.ops.admin import AdminServer, HealthSources
 from relay.ops.logs import setup_logging
 from relay.ops.metrics import NULL_METRICS, MetricsSink, RelayMetrics
+from relay.ops.startup import binding, spool_opening
 from relay.ops.systemd import SystemdNotifier, run_watchdog
 from relay.smtp.auth import MECHANISMS, SmtpAuthenticator
 from relay.smtp.connections import ConnectionLimiter
@@ -153,15 +155,19 @@ class RelayService:
         tls = self._tls_context()
         handler = self.handler
         try:
-            await self.delivery.start()
-            for listener in self._config.smtp.listeners:
-                server = await loop.create_server(
-                    self._protocol_factory(handler, listener, tls),
-                    host=listener.address,
-                    port=listener.port,
-                    ssl=tls if listener.tls == "implicit" else None,
-                    reuse_address=True,
+            await self._recover_store()
+            for index, listener in enumerate(self._config.smtp.listeners):
+                target = Listening(
+                    "SMTP listener", f"smtp.listeners[{index}]", listener.address, listener.port
                 )
+                with binding(target):
+                    server = await loop.create_server(
+                        self._protocol_factory(handler, listener, tls),
+                        host=listener.address,
+                        port=listener.port,
+                        ssl=tls if listener.tls == "implicit" else None,
+                        reuse_address=True,
+                    )
                 self._running.servers.append(server)
                 sock = server.sockets[0].getsockname()
                 bound = BoundListener(listener, str(sock[0]), int(sock[1]))
@@ -176,6 +182,12 @@ class RelayService:
         except BaseException:
             await self.stop()
             raise
+
+    async def _recover_store(self) -> None:
+        """Recover the store and start the workers (a spool that cannot be opened is a
+        CannotStartError naming delivery.spool_dir and the fix)."""
+        with spool_opening(self._config.delivery.spool_dir):
+            await self.delivery.start()
 
     async def stop(self, grace: float = 30.0) -> None:
         """Graceful stop (SIGTERM): nothing acknowledged is lost, nothing half-received is kept.
@@ -311,11 +323,16 @@ async def serve_until_stopped(
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
     try:
         try:
-            await admin.start()  # first: a taken admin port fails before any mail is accepted
+            admin_target = Listening(
+                "admin endpoint", "admin", config.admin.address, config.admin.port
+            )
+            with binding(admin_target):
+                await admin.start()  # first: a taken admin port fails before any mail is accepted
             await service.start()
-        except OSError as exc:
-            log.error("cannot start: %s", exc, extra={"event": "start_failed"})
-            notifier.status(f"cannot start: {exc}")
+        except (CannotStartError, OSError) as exc:
+            line = str(exc) if isinstance(exc, CannotStartError) else f"cannot start: {exc}"
+            log.error("%s", line, extra={"event": "start_failed"})
+            notifier.status(line)
             return 1
         log.info("relay started", extra={"event": "started"})
         notifier.ready(_status_line(service))
