@@ -35,6 +35,8 @@ from relay.core.message.prepare import (
 from relay.core.policy import choose_route
 from relay.delivery.attempt import send_target
 from relay.ops.logs import setup_logging
+from relay.ops.preflight import preflight
+from relay.ops.startup import current_user
 from relay.service import RelayService, serve_until_stopped
 
 __all__ = ["entry_point", "main"]
@@ -207,9 +209,13 @@ def print_routing_table(config: Config, source: Path, out: TextIO) -> None:
         w("\nWarnings (the relay runs like this, but probably should not)\n")
         for warning in warnings:
             w(f"  {warning.path}: {warning.problem}\n      fix: {warning.fix}\n")
-    count = (
-        f"{len(warnings)} warning{'' if len(warnings) == 1 else 's'}" if warnings else "no warnings"
-    )
+    here = preflight(config)
+    if here:
+        w(f"\nOn this machine, as user {current_user()}, serve would not start:\n")
+        for problem in here:
+            w(f"  {problem}\n")
+    total = len(warnings) + len(here)
+    count = f"{total} warning{'' if total == 1 else 's'}" if total else "no warnings"
     w(f"\ncheck-config: valid, {count}\n")
 
 

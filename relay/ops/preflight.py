@@ -1,0 +1,75 @@
+"""What `check-config` can check on this machine without a network: ports and the spool.
+
+Why this module exists: a configuration can be valid and still fail at `serve` because port 25
+needs a capability, the admin port is taken or the spool directory belongs to another user. The
+administrator should learn that from `check-config`, before a restart at 3 a.m., in the same words
+`serve` would use (`relay.core.start_problems`). Each check is tried for real, as the user that
+runs the command, and leaves nothing behind: a socket bound and closed, a temporary file created
+and removed. It creates no directory and takes no lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+from relay.config.schema import Config
+from relay.core.start_problems import Listening, bind_problem, spool_problem
+from relay.ops.startup import current_user
+
+__all__ = ["preflight"]
+
+_PREFIX = "cannot start: "
+
+
+def preflight(config: Config) -> list[str]:
+    """One line per thing that would stop `serve` from starting here, in the file's order."""
+    targets = [
+        Listening("SMTP listener", f"smtp.listeners[{i}]", listener.address, listener.port)
+        for i, listener in enumerate(config.smtp.listeners)
+    ]
+    targets.append(Listening("admin endpoint", "admin", config.admin.address, config.admin.port))
+    found = [problem for target in targets if (problem := _bind(target)) is not None]
+    if config.delivery.mode != "direct":
+        spool = _spool(config.delivery.spool_dir)
+        if spool is not None:
+            found.append(spool)
+    return found
+
+
+def _bind(target: Listening) -> str | None:
+    if target.port == 0:
+        return None  # any free port: nothing to check
+    family = socket.AF_INET6 if ":" in target.address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as serve binds
+        try:
+            probe.bind((target.address, target.port))
+        except OSError as exc:
+            text = str(bind_problem(target, exc.errno, exc.strerror or str(exc)))
+            if exc.errno == errno.EADDRINUSE:
+                text += " (expected if this relay is already running there)"
+            return text.removeprefix(_PREFIX)
+    return None
+
+
+def _spool(spool_dir: Path) -> str | None:
+    """Can this user create files in the spool (or, if it does not exist yet, create it)?"""
+    where = spool_dir
+    while not where.exists() and where != where.parent:
+        where = where.parent  # serve creates the missing levels below the first one that exists
+    try:
+        if not where.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(where))
+        handle, name = tempfile.mkstemp(dir=where, prefix=".check-config-")
+        os.close(handle)
+        os.unlink(name)
+    except OSError as exc:
+        problem = spool_problem(
+            str(spool_dir), exc.errno, exc.strerror or str(exc), user=current_user()
+        )
+        return str(problem).removeprefix(_PREFIX)
+    return None
