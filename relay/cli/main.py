@@ -209,9 +209,9 @@ def print_routing_table(config: Config, source: Path, out: TextIO) -> None:
         w("\nWarnings (the relay runs like this, but probably should not)\n")
         for warning in warnings:
             w(f"  {warning.path}: {warning.problem}\n      fix: {warning.fix}\n")
-    here = preflight(config)
+    here = preflight(config, base_dir=source.parent)
     if here:
-        w(f"\nOn this machine, as user {current_user()}, serve would not start:\n")
+        w(f"\nOn this machine, as user {current_user()} (would stop serve, or expose a secret):\n")
         for problem in here:
             w(f"  {problem}\n")
     total = len(warnings) + len(here)

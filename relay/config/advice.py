@@ -9,7 +9,9 @@ did not mean to open. They are not errors (a lab may want them), so the relay st
 
 from __future__ import annotations
 
+from relay.config.auth import ClientSecret
 from relay.config.schema import Config
+from relay.config.units import GUID_RE
 from relay.core.errors import ConfigProblem
 
 __all__ = ["config_warnings", "matches_any_domain"]
@@ -52,4 +54,16 @@ def config_warnings(config: Config) -> list[ConfigProblem]:
                         "a single address",
                     )
                 )
+    for name, auth in config.auth_objects.items():
+        secret = auth.credential
+        if isinstance(secret, ClientSecret) and GUID_RE.fullmatch(secret.value.strip()):
+            found.append(
+                ConfigProblem(
+                    f"auth_objects.{name}",
+                    "the client secret is a GUID: that is the secret's Secret ID, which Entra "
+                    "refuses as a credential (AADSTS7000215)",
+                    "copy the secret's Value instead (Entra shows it once, right after the "
+                    "secret is created; if it is gone, create a new secret)",
+                )
+            )
     return found

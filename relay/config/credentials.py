@@ -127,6 +127,13 @@ def _read_credential(
         return ClientSecret.from_text(environ[auth.client_secret_env], f"${auth.client_secret_env}")
     if auth.client_secret_file is not None:
         path = absolute(auth.client_secret_file, base_dir)
+        if not path.exists() and looks_like_a_secret(str(auth.client_secret_file)):
+            # Never print it: it is probably the secret itself, pasted into the wrong key.
+            raise ValueError(
+                "client_secret_file: this looks like a secret value, not a file path (the value "
+                "is not shown); put the secret's Value into a file readable only by the relay "
+                "and name that file here, or use client_secret_env"
+            )
         return ClientSecret.from_text(
             _read_text(path, "client_secret_file"), f"client_secret_file {path}"
         )
@@ -138,6 +145,14 @@ def _read_credential(
         _read_text(cert_path, "certificate_file").encode(),
         _read_text(key_path, "private_key_file").encode(),
     )
+
+
+def looks_like_a_secret(value: str) -> bool:
+    """Whether a `*_file` setting is more likely a pasted secret than a path: Entra's secret
+    Values are about 40 characters with a `~` and no `/`; paths have a `/` or a file extension."""
+    if "/" in value or value.startswith("$"):
+        return False
+    return "~" in value or (len(value) >= 32 and "." not in value)
 
 
 def _read_text(path: Path, key: str) -> str:

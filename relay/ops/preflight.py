@@ -1,4 +1,4 @@
-"""What `check-config` can check on this machine without a network: ports and the spool.
+"""What `check-config` can check on this machine without a network: ports, spool, secret files.
 
 Why this module exists: a configuration can be valid and still fail at `serve` because port 25
 needs a capability, the admin port is taken or the spool directory belongs to another user. The
@@ -25,8 +25,9 @@ __all__ = ["preflight"]
 _PREFIX = "cannot start: "
 
 
-def preflight(config: Config) -> list[str]:
-    """One line per thing that would stop `serve` from starting here, in the file's order."""
+def preflight(config: Config, *, base_dir: Path) -> list[str]:
+    """One line per thing that would stop `serve` from starting here or that exposes a secret,
+    in the file's order. Relative paths are relative to `base_dir` (the config file's folder)."""
     targets = [
         Listening("SMTP listener", f"smtp.listeners[{i}]", listener.address, listener.port)
         for i, listener in enumerate(config.smtp.listeners)
@@ -37,6 +38,31 @@ def preflight(config: Config) -> list[str]:
         spool = _spool(config.delivery.spool_dir)
         if spool is not None:
             found.append(spool)
+    found.extend(_exposed_secret_files(config, base_dir))
+    return found
+
+
+def _exposed_secret_files(config: Config, base_dir: Path) -> list[str]:
+    """Secret files every user on this machine may read (the secret is as good as public)."""
+    found: list[str] = []
+    for name, auth in config.auth_objects.items():
+        for key, value in (
+            ("client_secret_file", auth.client_secret_file),
+            ("private_key_file", auth.private_key_file or auth.certificate_file),
+        ):
+            if value is None:
+                continue
+            path = Path(value) if Path(value).is_absolute() else base_dir / value
+            try:
+                mode = path.stat().st_mode
+            except OSError:
+                continue  # the loader has reported it already
+            if mode & 0o004:
+                found.append(
+                    f"auth_objects.{name}.{key} {path} is readable by every user on this "
+                    f"machine; chmod 600 {path} (owned by the relay's user), or hand it over "
+                    "with systemd's LoadCredential= / a Docker secret"
+                )
     return found
 
 

@@ -19,8 +19,16 @@ from relay.cli.main import main
 SECRET = "Sb8Q~relay-test-secret-value-4d2f9e"
 
 
-def check(tmp_path: Path, *, smtp_port: int = 0, admin_port: int = 0, spool: str = "spool") -> str:
+def check(
+    tmp_path: Path,
+    *,
+    smtp_port: int = 0,
+    admin_port: int = 0,
+    spool: str = "spool",
+    secret_mode: int = 0o600,
+) -> str:
     (tmp_path / "secret.txt").write_text(SECRET + "\n")
+    (tmp_path / "secret.txt").chmod(secret_mode)
     path = tmp_path / "relay.yaml"
     path.write_text(
         f"""\
@@ -54,7 +62,7 @@ def taken_port() -> Iterator[int]:
 def test_a_machine_that_can_run_the_config_adds_no_warning(tmp_path: Path) -> None:
     """Free ports and a spool that can be created: no section, no warning, nothing left."""
     output = check(tmp_path)
-    assert "serve would not start" not in output
+    assert "On this machine" not in output
     assert output.rstrip().endswith("check-config: valid, no warnings")
     assert not (tmp_path / "spool").exists()  # checked through its parent, not created
 
@@ -62,7 +70,7 @@ def test_a_machine_that_can_run_the_config_adds_no_warning(tmp_path: Path) -> No
 def test_a_taken_port_is_named_with_its_listener(tmp_path: Path, taken_port: int) -> None:
     """The SMTP port another program holds is reported as serve would report it."""
     output = check(tmp_path, smtp_port=taken_port)
-    assert "serve would not start:" in output
+    assert "On this machine, as user" in output
     assert f"SMTP listener smtp.listeners[0] (127.0.0.1:{taken_port}): the port is taken" in output
     assert "(expected if this relay is already running there)" in output
     assert output.rstrip().endswith("check-config: valid, 1 warning")
@@ -80,3 +88,30 @@ def test_a_file_in_the_spools_place_is_reported(tmp_path: Path) -> None:
     assert f"delivery.spool_dir {tmp_path / 'blocker' / 'spool'} cannot be created" in output
     assert "choose another delivery.spool_dir" in output
     assert list(tmp_path.glob("**/.check-config-*")) == []
+
+
+def test_a_secret_file_every_user_may_read_is_reported(tmp_path: Path) -> None:
+    """A 0644 client secret file: named, with the chmod and the systemd/Docker alternatives."""
+    output = check(tmp_path, secret_mode=0o644)
+    secret = tmp_path / "secret.txt"
+    assert f"auth_objects.contoso.client_secret_file {secret} is readable by every user" in output
+    assert f"chmod 600 {secret}" in output
+    assert SECRET not in output
+    assert output.rstrip().endswith("check-config: valid, 1 warning")
+
+
+def test_a_secret_id_pasted_as_the_secret_is_a_warning(tmp_path: Path) -> None:
+    """A GUID in the secret file is the Secret ID, not the Value: say which to copy."""
+    secret_id = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+    check(tmp_path)  # writes the file set
+    (tmp_path / "secret.txt").write_text(secret_id + "\n")
+    out = io.StringIO()
+    assert main(["check-config", "-c", str(tmp_path / "relay.yaml")], out=out) == 0
+    output = out.getvalue()
+    assert (
+        "auth_objects.contoso: the client secret is a GUID: that is the secret's Secret ID"
+        in output
+    )
+    assert "copy the secret's Value instead" in output
+    assert secret_id not in output
+    assert output.rstrip().endswith("check-config: valid, 1 warning")

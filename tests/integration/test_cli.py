@@ -97,6 +97,7 @@ ONE_ROUTE = "  - {senders: ['*@contoso.com'], auth_object: contoso}"
 def check_config(tmp_path: Path, senders: str, routes: str = ONE_ROUTE) -> tuple[int, str]:
     """Run `check-config` on a file with these client senders and routes."""
     (tmp_path / "secret.txt").write_text(SECRET + "\n")
+    (tmp_path / "secret.txt").chmod(0o600)  # as the README says; a 0644 secret is a warning
     path = tmp_path / "relay.yaml"
     path.write_text(OFFLINE_CONFIG.format(senders=senders, routes=routes))
     out = io.StringIO()

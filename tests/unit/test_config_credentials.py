@@ -173,3 +173,28 @@ def test_the_relay_does_not_export_the_secret(
     parse_config(config_with("client_secret_file: ${CREDENTIALS_DIRECTORY}/contoso"))
     assert dict(os.environ) == before
     assert all(SECRET not in value for value in os.environ.values())
+
+
+# --- a secret value pasted where a file path belongs (issue #13 item 3) ---------------------------
+
+
+@pytest.mark.parametrize("pasted", [SECRET, "Abc8Q~x1y2z3", "k3LmN0pQrStUvWxYz1234567890AbCdEfGh"])
+def test_a_secret_pasted_into_client_secret_file_is_named_and_never_echoed(
+    tmp_path: Path, pasted: str
+) -> None:
+    """The error says it looks like a secret, not a path, and shows neither the value nor a
+    path built from it."""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(config_with(f'client_secret_file: "{pasted}"'), base_dir=tmp_path, environ={})
+    text = str(refused.value)
+    assert "this looks like a secret value, not a file path" in text
+    assert pasted not in text
+
+
+@pytest.mark.parametrize("path", ["secret.txt", "/etc/smtp-graph-relay/contoso.secret"])
+def test_a_missing_secret_file_that_looks_like_a_path_is_named(tmp_path: Path, path: str) -> None:
+    """A real path that is missing keeps the ordinary message, with the path."""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(config_with(f"client_secret_file: {path}"), base_dir=tmp_path, environ={})
+    assert "does not exist; create it or fix the path" in str(refused.value)
+    assert "looks like a secret value" not in str(refused.value)
