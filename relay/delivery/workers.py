@@ -63,6 +63,9 @@ class QueueWorkers:
         self._monotonic = monotonic
         self._random = random_fraction
         self._rescan = rescan_seconds
+        initial = config()
+        self._policy_for: Config = initial
+        self._settle_policy = SettlePolicy.from_config(initial)
         self._workers: dict[str, asyncio.Task[None]] = {}
         # Entries the store could not read: left alone until this monotonic time (one rescan),
         # so a failing disk is not asked for the same file in a tight loop.
@@ -227,12 +230,20 @@ class QueueWorkers:
             result = Crashed(f"internal error ({type(exc).__name__})")
         await self.settle(entry, result, mime)
 
+    def _policy(self) -> SettlePolicy:
+        """The settle policy of the configuration in force, built once per configuration (a
+        reload hands out a new Config object), not once per message."""
+        config = self._config()
+        if self._policy_for is not config:
+            self._policy_for, self._settle_policy = config, SettlePolicy.from_config(config)
+        return self._settle_policy
+
     async def settle(
         self, entry: EntryMeta, result: Result, mime: bytes | None, *, answered: bool = False
     ) -> None:
         """Decide with the core and record the decision (also used by the inline attempt, which
         says whether the waiting client `answered` heard a refusal itself)."""
-        policy = SettlePolicy.from_config(self._config())
+        policy = self._policy()
         now = self._clock()
         decision = settle(entry, result, now, policy, jitter=self._random(), answered=answered)
         await self._outcomes.carry_out(decision, result, mime)

@@ -94,6 +94,25 @@ async def test_a_permanent_failure_buries_and_bounces_to_a_named_sender(queue: P
     assert dsn.target.mailbox == "app@contoso.com"  # through the failed message's route
 
 
+async def test_a_reload_that_turns_bounces_off_applies_to_the_next_settle(
+    queue: Parts, tmp_path: Path
+) -> None:
+    """The settle policy is built once per configuration, yet a reload still takes effect: with
+    `bounces: false` loaded, a refused message is buried without a DSN."""
+    queue.graph.answer(DENIED)
+    queue.config = make_config(
+        tmp_path,
+        delivery="{mode: queue, bounces: false, retry: {first: 1m, max: 1h, lifetime: 1d}}",
+    )
+    await queue.engine.submit(queue.submission())
+    await settled(queue, 1)
+    assert await queue.state("Q1") == "dead"
+    assert queue.store is not None
+    stats = await queue.store.stats(queue.clock.now)
+    assert (stats.queued, stats.active, stats.dead) == (0, 0, 1)  # no DSN was stored
+    assert len(queue.graph.calls) == 1
+
+
 async def test_no_dsn_to_a_forged_sender_under_senders_star(tmp_path: Path) -> None:
     """Backscatter (#11 item 5): `senders: ["*"]` lets a client claim anyone, so a forged
     MAIL FROM gets no DSN; the message is still buried with its reason."""
