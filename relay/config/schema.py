@@ -25,6 +25,7 @@ from pydantic import Field, model_validator
 
 from relay.config.auth import CLOUDS, AuthObjectConfig, ClientCertificate, ClientSecret, Credential
 from relay.config.clients import ClientConfig, RouteConfig
+from relay.config.limits import LimitOverride, MailboxLimitsConfig
 from relay.config.smtp import ListenerConfig, SmtpConfig, TlsFilesConfig
 from relay.config.units import Duration, StrictModel, parse_duration, parse_size
 
@@ -38,8 +39,10 @@ __all__ = [
     "Config",
     "Credential",
     "DeliveryConfig",
+    "LimitOverride",
     "ListenerConfig",
     "LoggingConfig",
+    "MailboxLimitsConfig",
     "RetryConfig",
     "RouteConfig",
     "SmtpConfig",
@@ -77,6 +80,8 @@ class DeliveryConfig(StrictModel):
     large_messages: Literal["upload", "reject"] = "upload"
     # Queued messages in delivery at once (each mailbox still gets at most 4).
     concurrency: int = Field(default=16, ge=1, le=256)
+    # Exchange Online's and Graph's per-mailbox budgets (DESIGN §5, relay.core.budgets).
+    mailbox_limits: MailboxLimitsConfig = Field(default_factory=MailboxLimitsConfig)
 
 
 class AdminConfig(StrictModel):

@@ -152,6 +152,7 @@ class TransientDeliveryError(DeliveryError):
         ),
         retry_after: float | None = None,
         alert: bool = False,
+        mailbox_limit: str | None = None,
         code: str | None = None,
         http_status: int | None = None,
         request_id: str | None = None,
@@ -167,6 +168,7 @@ class TransientDeliveryError(DeliveryError):
         )
         self.retry_after = retry_after
         self.alert = alert
+        self.mailbox_limit = mailbox_limit
 
 
 class PermanentDeliveryError(DeliveryError):

@@ -7,9 +7,10 @@ copy drifted. Here they are one function, `settle`, that takes values and return
 
 Theory of operation
 -------------------
-An attempt on a claimed entry ends in one of five results:
+An attempt on a claimed entry ends in one of six results:
 
     Delivered            Graph answered 202
+    Postponed            the mailbox's sending budget had no room: nothing was sent
     TransientDeliveryError   try again later (Retry-After honoured when Graph sent one)
     PermanentDeliveryError   Graph (or the relay's own checks) refused the message for good
     NoRoute              no route of the *current* configuration matches the entry's sender
@@ -18,6 +19,8 @@ An attempt on a claimed entry ends in one of five results:
 `settle(entry, result, now, policy)` maps each to exactly one decision:
 
     Delivered                                   -> Complete
+    Postponed                                   -> Defer, unchanged (not an attempt)
+    Transient, the mailbox reached a limit      -> Defer, not an attempt (the mailbox pauses)
     Transient, before created + lifetime        -> Defer (Retry-After, else backoff with jitter)
     Transient, at or after the deadline         -> Bury "expired", bounce with 4.4.7
     Permanent, the waiting client was told      -> Discard (the client owns the failure)
@@ -29,8 +32,14 @@ An attempt on a claimed entry ends in one of five results:
     Crashed, crashes + 1 <  CRASH_LIMIT         -> Defer by retry.first (not an attempt)
     Crashed, crashes + 1 >= CRASH_LIMIT         -> Quarantine for an operator
 
-Every deferral counts an attempt except a crash, which counts a crash instead: a bug must not
-age a message towards its expiry, and Graph never saw it.
+Every deferral counts an attempt except a crash, which counts a crash instead (a bug must not
+age a message towards its expiry, and Graph never saw it), a postponement and a mailbox limit:
+waiting for a sending budget is not failing (issue #12). Neither moves `next_attempt`, so the
+message keeps its place in its mailbox's line.
+
+The lifetime counts failing, not waiting in line: `claimed` credits the time an entry waited
+after it was due (for a budget, a paused mailbox or a free worker) to its `waited`, and the
+deadline is `created + waited + lifetime`.
 
 Whether a Bury carries a `Bounce` (a DSN is due) is decided here too. A DSN goes to the
 envelope sender only when all of these hold: bounces are on; the sender is not `<>`; the entry
@@ -68,9 +77,11 @@ __all__ = [
     "Defer",
     "Discard",
     "NoRoute",
+    "Postponed",
     "Quarantine",
     "Result",
     "SettlePolicy",
+    "claimed",
     "names_explicitly",
     "settle",
 ]
@@ -103,7 +114,22 @@ class Crashed:
     detail: str = "internal error"
 
 
-Result = Delivered | DeliveryError | NoRoute | Crashed
+@dataclass(frozen=True, slots=True)
+class Postponed:
+    """The mailbox's sending budget had no room for the message: nothing was sent. `wait` is
+    seconds until it frees (None: when a request in flight ends); `limit` names the budget."""
+
+    mailbox: str
+    limit: str
+    wait: float | None
+
+    @property
+    def reason(self) -> str:
+        when = "" if self.wait is None else f", room in {self.wait:.0f} s"
+        return f"waiting for the {self.limit} budget of {self.mailbox}{when}"
+
+
+Result = Delivered | DeliveryError | NoRoute | Crashed | Postponed
 
 
 # --- what to do about it ------------------------------------------------------------------
@@ -206,7 +232,12 @@ def settle(
         return Complete(entry)
     if isinstance(result, Crashed):
         return _crashed(entry, result, now, policy)
-    expired = is_expired(entry.created, now, policy.backoff.lifetime)
+    if isinstance(result, Postponed):
+        return Defer(entry, entry.next_attempt, result.reason)
+    if isinstance(result, TransientDeliveryError) and result.mailbox_limit:
+        waiting = replace(entry, last_error=_short(result))
+        return Defer(waiting, entry.next_attempt, f"mailbox paused: {result.mailbox_limit}")
+    expired = is_expired(entry.created + entry.waited, now, policy.backoff.lifetime)
     if isinstance(result, NoRoute):
         tried = replace(entry, attempts=entry.attempts + 1, last_error=result.reason)
         if not expired:
@@ -232,6 +263,13 @@ def settle(
         return Discard(tried, f"refused while the client waited: {error}")
     bounce = Bounce(result.reply.status, _diagnostic(result), _explanation(result, expired=False))
     return Bury(tried, f"refused: {error}", _if_due(tried, bounce, policy))
+
+
+def claimed(entry: EntryMeta, now: float) -> EntryMeta:
+    """`entry` as a worker claimed it at `now`: the time it waited since it was due (and since
+    the last credit) is credited to `waited`, so it does not count against its lifetime."""
+    due = max(entry.created, entry.next_attempt, entry.waited_to)
+    return replace(entry, waited=entry.waited + max(0.0, now - due), waited_to=max(now, due))
 
 
 def names_explicitly(patterns: Sequence[str], address: str) -> bool:
@@ -264,7 +302,7 @@ def _defer(
 ) -> Defer:
     at = next_attempt_at(
         now=now,
-        created=tried.created,
+        created=tried.created + tried.waited,
         attempts=tried.attempts,
         retry_after=retry_after,
         backoff=policy.backoff,

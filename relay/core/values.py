@@ -16,6 +16,7 @@ from __future__ import annotations
 
 __all__ = [
     "FORMAT_VERSION",
+    "POOL_PREFIX",
     "QUEUE_ID_PATTERN",
     "QUEUE_ID_RE",
     "Accepted",
@@ -29,12 +30,14 @@ __all__ = [
     "Submission",
     "SubmitOutcome",
     "check_queue_id",
+    "pool_key",
+    "pool_members",
 ]
 
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from relay.core.errors import DeliveryError, SmtpReply
@@ -44,18 +47,36 @@ if TYPE_CHECKING:  # annotations only: pydantic loads socket (importlib.metadata
     from relay.config.schema import AuthObjectConfig
 
 State = Literal["queue", "active", "dead", "quarantine", "corrupt"]
-FORMAT_VERSION: Final = 2
-# Version 1 entries (before `sender` and `sha256`) are read with both empty: routed by mail_from,
-# and their message not checked against a digest.
-_V1_DEFAULTS: Final[dict[str, str]] = {"sender": "", "sha256": ""}
+FORMAT_VERSION: Final = 3
+# Older entries are read with the fields added since at their defaults. Version 1 (before
+# `sender` and `sha256`): routed by mail_from, its message not checked against a digest.
+# Version 2 (before `waited` and `waited_to`): nothing credited against its lifetime yet.
+_V2_DEFAULTS: Final[dict[str, float]] = {"waited": 0.0, "waited_to": 0.0}
+_V1_DEFAULTS: Final[dict[str, str | float]] = {"sender": "", "sha256": "", **_V2_DEFAULTS}
+_DEFAULTS_SINCE: Final[dict[int, dict[str, Any]]] = {1: _V1_DEFAULTS, 2: _V2_DEFAULTS}
 QUEUE_ID_PATTERN: Final = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}"
 QUEUE_ID_RE: Final = re.compile(QUEUE_ID_PATTERN)
 _SCHEMA: Final[dict[str, type]] = {
     "queue_id": str, "created": float, "mail_from": str, "recipients": list, "client": str,
     "client_ip": str, "auth_object": str, "mailbox": str, "route": str, "message_id": str,
     "size": int, "attempts": int, "next_attempt": float, "last_error": str, "crashes": int,
-    "is_bounce": bool, "dead_reason": str, "sender": str, "sha256": str,
+    "is_bounce": bool, "dead_reason": str, "sender": str, "sha256": str, "waited": float,
+    "waited_to": float,
 }  # fmt: skip
+POOL_PREFIX: Final = "pool:"
+
+
+def pool_key(members: tuple[str, ...]) -> str:
+    """What a pooled message's `mailbox` holds while it waits: the pool, not one member (any
+    member with budget may send it). Not an address, so it never names a real mailbox."""
+    return POOL_PREFIX + ",".join(members)
+
+
+def pool_members(mailbox: str) -> tuple[str, ...]:
+    """The members a `pool_key` names; () for a plain mailbox."""
+    if not mailbox.startswith(POOL_PREFIX):
+        return ()
+    return tuple(mailbox[len(POOL_PREFIX) :].split(","))
 
 
 def check_queue_id(queue_id: str) -> str:
@@ -90,6 +111,11 @@ class EntryMeta:
     # "" (version 1 entries): use mail_from.
     sender: str = ""
     sha256: str = ""  # hex digest of the stored message; "" = not recorded (version 1)
+    # Seconds of its life the message spent waiting in line (for a sending budget, a paused
+    # mailbox, a free worker), credited against retry.lifetime up to the time `waited_to`
+    # (`relay.core.lifecycle.claimed`): waiting is not failing.
+    waited: float = 0.0
+    waited_to: float = 0.0
 
     def __post_init__(self) -> None:
         check_queue_id(self.queue_id)
@@ -97,8 +123,11 @@ class EntryMeta:
             raise ValueError("an entry needs at least one recipient")
         if min(self.size, self.attempts, self.crashes) < 0:
             raise ValueError("size, attempts and crashes cannot be negative")
-        if not (math.isfinite(self.created) and math.isfinite(self.next_attempt)):
-            raise ValueError("created and next_attempt must be finite")
+        times = (self.created, self.next_attempt, self.waited, self.waited_to)
+        if not all(math.isfinite(t) for t in times):
+            raise ValueError("created, next_attempt, waited and waited_to must be finite")
+        if self.waited < 0:
+            raise ValueError("waited cannot be negative")
 
     def to_json(self) -> bytes:
         """ASCII JSON (lone surrogates from 8-bit headers survive as escapes) with a version."""
@@ -115,12 +144,12 @@ class EntryMeta:
         if not isinstance(body, dict):
             raise ValueError("metadata is not a JSON object")
         version = body.pop("version", None)
-        if type(version) is not int or version not in (1, FORMAT_VERSION):
+        if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
             raise ValueError(f"unsupported metadata version {version!r}")
-        if version == 1:
-            if body.keys() & _V1_DEFAULTS.keys():
-                raise ValueError("version 1 metadata cannot have sender or sha256")
-            body.update(_V1_DEFAULTS)
+        added = _DEFAULTS_SINCE.get(version, {})
+        if body.keys() & added.keys():
+            raise ValueError(f"version {version} metadata cannot have {sorted(added)}")
+        body.update(added)
         if body.keys() != _SCHEMA.keys():
             raise ValueError(f"metadata keys differ: {sorted(body.keys() ^ _SCHEMA.keys())}")
         values: dict[str, Any] = {}
@@ -151,6 +180,12 @@ class Route:
     mailbox: str
     rewrite_from: bool = False
     save_to_sent_items: bool = True
+    # A pool route: the members, and `mailbox` is their `pool_key`. `member` picks one.
+    pool: tuple[str, ...] = ()
+
+    def member(self, mailbox: str) -> Route:
+        """This route sending as one member of its pool."""
+        return replace(self, mailbox=mailbox, pool=())
 
     @property
     def needs_json(self) -> bool:

@@ -136,6 +136,13 @@ class StoreIndex:
     def next_due(self) -> float | None:
         return self._due[0][0] if self._due else None
 
+    def waiting(self) -> dict[MailboxKey, list[int]]:
+        """Per mailbox, its queued entries' recipient counts in due order."""
+        return {
+            key: [len(self._queued[qid].recipients) for _, _, qid in box]
+            for key, box in self._by_box.items()
+        }
+
     def stats(self, now: float) -> StoreStats:
         counts = self._counts
         return StoreStats(

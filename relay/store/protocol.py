@@ -36,6 +36,11 @@ Errors: a store that cannot take or record something raises `StoreUnavailableErr
 layer answers 451 4.3.0, the engine keeps an unrecorded outcome and retries it); an operation on
 an entry that is not where it needs to be raises `EntryNotFoundError`. Nothing else escapes.
 
+Beside the entries, a store keeps the send ledger (`relay.core.budgets.SendRecord`): what each
+mailbox sent over the last 24 hours, so that Exchange Online's rolling budgets survive a restart.
+`record_sends` appends, `sends_since` reads back; records older than the ledger span may be
+forgotten.
+
 `due` is a hint, not a claim: it lists candidates in order; the caller claims each one it can
 start, and a concurrent claimer (another worker, another relay, the CLI) simply wins the race.
 `refresh` picks up what other processes changed (the file store rescans its directories, a
@@ -44,10 +49,11 @@ database store has nothing to do); `stats` must be cheap enough for every /metri
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from relay.core.budgets import SendRecord
 from relay.core.errors import RelayError
 from relay.core.message.addresses import fold_ascii
 from relay.core.values import EntryMeta, State
@@ -187,6 +193,21 @@ class Store(Protocol):
 
     async def stats(self, now: float) -> StoreStats:
         """Counts per state; cheap (no scan)."""
+        ...
+
+    async def waiting(self) -> Mapping[MailboxKey, Sequence[int]]:
+        """Per mailbox, the recipient counts of its queued entries in due order (what the
+        budgets' drain estimate needs); from the index, no scan of the durable records."""
+        ...
+
+    # --- the send ledger ---------------------------------------------------------------------
+
+    async def record_sends(self, records: Sequence[SendRecord]) -> None:
+        """Append finished sends to the ledger. Raises StoreUnavailableError."""
+        ...
+
+    async def sends_since(self, since: float) -> Sequence[SendRecord]:
+        """The ledger's sends at or after `since`, oldest first."""
         ...
 
     # --- operator commands (the `queue` CLI), safe while relays run --------------------------

@@ -17,9 +17,10 @@ lost the tail of a file does: the next `read_message` sets the entry aside as co
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from relay.core.budgets import SendRecord
 from relay.core.limits import CRASH_LIMIT
 from relay.core.values import EntryMeta, State, check_queue_id
 from relay.store.index import StoreIndex
@@ -51,6 +52,7 @@ class MemoryStore:
         self.free_bytes = free_bytes  # None = unbounded
         self._failures = 0
         self._records: dict[str, _Record] = {}
+        self._sends: list[SendRecord] = []
         self._index = StoreIndex()
         self._open = False
 
@@ -67,6 +69,7 @@ class MemoryStore:
         self._open = False
         again = MemoryStore(free_bytes=self.free_bytes)
         again._records = self._records
+        again._sends = self._sends
         return again
 
     def has_room_for(self, size: int) -> bool:
@@ -169,6 +172,19 @@ class MemoryStore:
 
     async def stats(self, now: float) -> StoreStats:
         return self._index.stats(now)
+
+    async def waiting(self) -> Mapping[MailboxKey, Sequence[int]]:
+        return self._index.waiting()
+
+    # --- the send ledger ----------------------------------------------------------------------
+
+    async def record_sends(self, records: Sequence[SendRecord]) -> None:
+        await self._write("cannot record sends")
+        self._sends.extend(records)
+
+    async def sends_since(self, since: float) -> Sequence[SendRecord]:
+        await asyncio.sleep(0)
+        return sorted((r for r in self._sends if r.at >= since), key=lambda r: r.at)
 
     # --- operator commands --------------------------------------------------------------------
 

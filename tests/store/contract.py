@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from relay.core.budgets import SendRecord
 from relay.core.limits import CRASH_LIMIT
 from relay.core.values import EntryMeta, State
 from relay.store.integrity import digest
@@ -470,3 +471,37 @@ class StoreContract(ABC):
         await store.refresh()
         assert counts(await store.stats(NOW)) == (1, 1, 0, 0, 0)
         assert [e.queue_id for e in await store.due(NOW, 10)] == ["A"]
+
+    # --- waiting (the budgets' drain estimate) ------------------------------------------------
+
+    async def test_waiting_lists_recipient_counts_per_mailbox_in_due_order(
+        self, store: Store
+    ) -> None:
+        two = ("a@contoso.com", "b@contoso.com")
+        await store.put(entry("LATER", created=NOW + 1, recipients=two), MESSAGE)
+        await store.put(entry("FIRST", created=NOW), MESSAGE)
+        await store.put(entry("OTHER", mailbox="Alerts@contoso.com"), MESSAGE)
+        await self.claimed(store, "BUSY", created=NOW - 5)
+        waiting = await store.waiting()
+        assert waiting == {
+            mailbox_key("contoso", "scanner@contoso.com"): [1, 2],
+            mailbox_key("contoso", "alerts@contoso.com"): [1],
+        }
+
+    # --- the send ledger ----------------------------------------------------------------------
+
+    async def test_sends_are_read_back_oldest_first_from_since(self, store: Store) -> None:
+        first = SendRecord(NOW - 10, "contoso", "scanner@contoso.com", 1, 2, 1, 0)
+        second = SendRecord(NOW - 5, "contoso", "alerts@contoso.com", 1, 1, 4, 5_000_000)
+        old = SendRecord(NOW - 90_000, "contoso", "scanner@contoso.com", 1, 9, 1, 0)
+        await store.record_sends([second])
+        await store.record_sends([old, first])
+        assert list(await store.sends_since(NOW - 86_400)) == [first, second]
+        assert list(await store.sends_since(NOW - 7)) == [second]
+
+    async def test_the_ledger_survives_a_restart(self, store: Store) -> None:
+        sent = SendRecord(NOW - 60, "contoso", "scanner@contoso.com", 1, 3, 1, 0)
+        await store.record_sends([sent])
+        again = await self.restart(store)
+        await again.recover()
+        assert list(await again.sends_since(NOW - 86_400)) == [sent]

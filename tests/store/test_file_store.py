@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from relay.core.budgets import SendRecord
 from relay.core.values import EntryMeta, State
 from relay.store.files import FileStore, StoreLockedError
 from relay.store.integrity import digest
-from relay.store.protocol import EntryNotFoundError, Store
+from relay.store.protocol import EntryNotFoundError, Store, StoreUnavailableError
 from tests.store.contract import MESSAGE, NOW, StoreContract, counts, entry
 
 
@@ -185,7 +186,7 @@ async def test_a_version_1_entry_without_a_digest_is_checked_by_size(relay: File
     await relay.put(entry(), MESSAGE)
     path = relay.root / "queue" / "Q1.json"
     body = json.loads(path.read_bytes())
-    del body["sender"], body["sha256"]
+    del body["sender"], body["sha256"], body["waited"], body["waited_to"]
     path.write_text(json.dumps({**body, "version": 1}))
     assert await relay.read_message("Q1") == MESSAGE
     (relay.root / "data" / "Q1.eml").write_bytes(MESSAGE.replace(b"body", b"bodY"))
@@ -268,3 +269,49 @@ async def test_a_claim_made_while_a_rescan_runs_is_not_undone_by_it(relay: FileS
     relay.layout.scan = real  # type: ignore[method-assign]
     await relay.refresh()  # and the next rescan, with nothing racing it, agrees
     assert counts(await relay.stats(NOW)) == (0, 1, 0, 0, 0)
+
+
+# --- the send ledger (relay/store/files/ledger.py) ---------------------------------------------
+
+
+def _send(at: float, recipients: int = 1) -> SendRecord:
+    return SendRecord(at, "contoso", "scanner@contoso.com", 1, recipients, 1, 0)
+
+
+async def test_a_torn_last_ledger_line_is_skipped(relay: FileStore) -> None:
+    """kill -9 in the middle of an append leaves half a line; the sends before it still count."""
+    await relay.record_sends([_send(NOW - 2), _send(NOW - 1)])
+    with open(relay.ledger.path, "ab") as out:
+        out.write(b'{"at":1700000000.0,"auth_obj')
+    assert [r.at for r in await relay.sends_since(0.0)] == [NOW - 2, NOW - 1]
+
+
+async def test_compaction_keeps_one_day_before_the_newest_send(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "spool", reserve_bytes=0)
+    await store.recover()
+    await store.record_sends([_send(NOW - 90_000), _send(NOW - 80_000), _send(NOW)])
+    await store.close()
+    again = FileStore(tmp_path / "spool", reserve_bytes=0)
+    await again.recover()  # compacts
+    assert [r.at for r in await again.sends_since(0.0)] == [NOW - 80_000, NOW]
+    assert len(again.ledger.path.read_bytes().splitlines()) == 2
+    await again.close()
+
+
+async def test_a_ledger_that_cannot_be_written_is_a_store_unavailable_error(
+    relay: FileStore,
+) -> None:
+    relay.ledger.path.unlink()
+    relay.ledger.path.mkdir()  # an append now fails with EISDIR, as EROFS/ENOSPC would
+    with pytest.raises(StoreUnavailableError, match="send ledger"):
+        await relay.record_sends([_send(NOW)])
+
+
+def test_a_version_2_entry_is_read_with_nothing_waited() -> None:
+    body = json.loads(entry().to_json())
+    del body["waited"], body["waited_to"]
+    body["version"] = 2
+    assert EntryMeta.from_json(json.dumps(body).encode()) == entry()
+    body["waited"] = 5.0
+    with pytest.raises(ValueError, match="version 2 metadata cannot have"):
+        EntryMeta.from_json(json.dumps(body).encode())

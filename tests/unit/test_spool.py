@@ -181,13 +181,13 @@ def test_metadata_round_trips_through_json_including_surrogates() -> None:
     """to_json/from_json are inverse, even for 8-bit header bytes decoded with surrogateescape."""
     meta = entry(message_id="<caf\udce9@x>", mail_from="", is_bounce=True, next_attempt=NOW)
     assert EntryMeta.from_json(meta.to_json()) == meta
-    assert json.loads(meta.to_json())["version"] == 2
+    assert json.loads(meta.to_json())["version"] == 3
 
 
 def test_version_1_metadata_reads_with_no_sender_and_no_digest() -> None:
     """Entries written before `sender` and `sha256` existed are still delivered after an upgrade."""
     body = json.loads(entry().to_json())
-    del body["sender"], body["sha256"]
+    del body["sender"], body["sha256"], body["waited"], body["waited_to"]
     body["version"] = 1
     meta = EntryMeta.from_json(json.dumps(body).encode())
     assert (meta.sender, meta.sha256) == ("", "")
@@ -215,7 +215,7 @@ def _json_with(**changes: Any) -> bytes:
         pytest.param(b"\x00\xff garbage", id="garbage"),
         pytest.param(b"[]", id="not-an-object"),
         pytest.param(b"[" * 100_000, id="deeply-nested"),
-        pytest.param(_json_with(version=3), id="future-version"),
+        pytest.param(_json_with(version=4), id="future-version"),
         pytest.param(_json_with(version=True), id="bool-version"),
         pytest.param(_json_with(version=...), id="no-version"),
         pytest.param(_json_with(size=...), id="missing-key"),
@@ -425,7 +425,7 @@ def _damage(root: Path, how: str) -> None:
     elif how == "garbage":
         path.write_bytes(os.urandom(64))
     elif how == "wrong-version":
-        path.write_bytes(path.read_bytes().replace(b'"version": 2', b'"version": 99'))
+        path.write_bytes(path.read_bytes().replace(b'"version": 3', b'"version": 99'))
     elif how == "wrong-id":
         path.write_bytes(entry("OTHER").to_json())
     elif how == "missing-data":

@@ -29,22 +29,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import threading
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, ParamSpec, TypeVar
 
+from relay.core.budgets import SendRecord
 from relay.core.values import EntryMeta, State
 from relay.store.files import operator
 from relay.store.files.layout import LIVE, CorruptEntryError, EntrySetAsideError, Layout
+from relay.store.files.ledger import SendLedger
 from relay.store.files.recovery import StoreLockedError
 from relay.store.files.spool import Spool
 from relay.store.index import StoreIndex
-from relay.store.protocol import MailboxKey, RecoveryReport, StoreStats
+from relay.store.protocol import MailboxKey, RecoveryReport, StoreStats, StoreUnavailableError
 
 __all__ = ["FileStore", "StoreLockedError"]
 
+_log = logging.getLogger("relay.store")
 P = ParamSpec("P")
 T = TypeVar("T")
 _Seen = tuple[State, int, EntryMeta]  # where, the inode read, what it said
@@ -60,6 +64,7 @@ class FileStore:
         self.spool = Spool(root, reserve_bytes=reserve_bytes, fsync=fsync)
         self.root = self.spool.root
         self.layout: Layout = self.spool.layout
+        self.ledger = SendLedger(self.root, fsync=fsync)
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store")
         self._lock = threading.Lock()
         self._index = StoreIndex()
@@ -81,6 +86,10 @@ class FileStore:
         report = await self._run(self.spool.open)
         self._mode = "relay"
         await self.refresh()
+        try:
+            await self._run(self.ledger.compact)
+        except StoreUnavailableError as exc:  # read-only: the ledger is still readable
+            _log.warning("cannot compact the send ledger: %s", exc, extra={"event": "ledger"})
         return report
 
     async def open_for_operator(self) -> None:
@@ -176,6 +185,24 @@ class FileStore:
         """From the index: no file-system call at all."""
         with self._lock:
             return self._index.stats(now)
+
+    async def waiting(self) -> Mapping[MailboxKey, Sequence[int]]:
+        with self._lock:
+            return self._index.waiting()
+
+    # --- the send ledger (ledger.py) ----------------------------------------------------------
+
+    async def record_sends(self, records: Sequence[SendRecord]) -> None:
+        def record() -> None:
+            self.ledger.append(records)
+            self.ledger.compact_if_grown()
+
+        if records:
+            await self._run(record)
+
+    async def sends_since(self, since: float) -> Sequence[SendRecord]:
+        found = await self._run(self.ledger.read_since, since)
+        return sorted(found, key=lambda r: r.at)
 
     # --- operator commands --------------------------------------------------------------------
 
