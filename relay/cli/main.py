@@ -187,7 +187,7 @@ def print_routing_table(config: Config, source: Path, out: TextIO) -> None:
         "sender at each attempt)\n"
     )
     for index, route in enumerate(config.routes):
-        mailbox = "the sender's own mailbox" if route.mailbox == "sender" else route.mailbox
+        mailbox = route.mailbox_shown
         named = "" if route.name else " (named after its first sender)"
         target = f"{', '.join(route.senders)} -> {route.auth_object}, {mailbox}"
         w(f'  routes[{index}] "{route.label}"{named}: {target}\n')

@@ -16,6 +16,8 @@ from relay.config.units import ADDRESS_RE, AddressPattern, Network, StrictModel
 
 __all__ = ["ClientConfig", "RouteConfig"]
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
 
 class ClientConfig(StrictModel):
     """Who may submit mail, and as which senders.
@@ -108,7 +110,9 @@ class RouteConfig(StrictModel):
     # is routed again by its sender at each attempt, so the name is a label, not a key.
     name: str | None = Field(default=None, min_length=1, max_length=100)
     auth_object: str
-    mailbox: str = "sender"
+    # "sender", one mailbox, or a pool of mailboxes (each message goes out through the member
+    # with the most sending budget left, relay.delivery.budget).
+    mailbox: str | list[str] = "sender"
     rewrite_from: bool = False
     save_to_sent_items: bool = True
 
@@ -117,12 +121,44 @@ class RouteConfig(StrictModel):
         """The route's name in logs and metrics: `name`, else its first sender pattern."""
         return self.name or self.senders[0]
 
+    @property
+    def pool(self) -> tuple[str, ...]:
+        """The pool's members; () unless `mailbox` lists two or more."""
+        return tuple(self.mailbox) if isinstance(self.mailbox, list) else ()
+
+    @property
+    def mailbox_shown(self) -> str:
+        """The mailbox as an operator reads it (status page, check-config)."""
+        if isinstance(self.mailbox, list):
+            return f"pool of {len(self.mailbox)}: {', '.join(self.mailbox)}"
+        return "the sender's own mailbox" if self.mailbox == "sender" else self.mailbox
+
     @field_validator("mailbox")
     @classmethod
-    def _mailbox(cls, value: str) -> str:
+    def _mailbox(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            return cls._pool(value)
         if value != "sender" and not ADDRESS_RE.match(value):
             raise ValueError(
-                f"{value!r} must be 'sender' (each sender's own mailbox) or one mailbox "
-                "address such as relay@contoso.com"
+                f"{value!r} must be 'sender' (each sender's own mailbox), one mailbox "
+                "address such as relay@contoso.com, or a pool [noreply1@contoso.com, "
+                "noreply2@contoso.com]"
             )
         return value
+
+    @staticmethod
+    def _pool(members: list[str]) -> str | list[str]:
+        if not members:
+            raise ValueError("a pool needs at least one mailbox address")
+        seen: set[str] = set()
+        for member in members:
+            if not isinstance(member, str) or not ADDRESS_RE.match(member):
+                raise ValueError(
+                    f"pool member {member!r} must be a mailbox address such as "
+                    "noreply1@contoso.com ('sender' cannot be part of a pool)"
+                )
+            folded = member.translate(_ASCII_LOWER)
+            if folded in seen:
+                raise ValueError(f"pool member {member!r} is listed twice")
+            seen.add(folded)
+        return members[0] if len(members) == 1 else members

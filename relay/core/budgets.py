@@ -253,9 +253,7 @@ class Usage:
     def room(self, limits: MailboxLimits, now: float) -> float:
         """The smallest share of any budget left, 0.0 (spent) to 1.0 (untouched): how a pool
         chooses the member with the most budget left."""
-        return min(
-            max(0.0, 1.0 - self.used(name, now) / limits.limit(name)) for name in _NAMES
-        )
+        return min(max(0.0, 1.0 - self.used(name, now) / limits.limit(name)) for name in _NAMES)
 
 
 def fits(limits: MailboxLimits, need: Need) -> LimitName | None:
@@ -267,9 +265,7 @@ def fits(limits: MailboxLimits, need: Need) -> LimitName | None:
     return None
 
 
-def drain_eta(
-    usage: Usage, limits: MailboxLimits, waiting: Sequence[int], now: float
-) -> float:
+def drain_eta(usage: Usage, limits: MailboxLimits, waiting: Sequence[int], now: float) -> float:
     """Seconds until the last of the waiting messages (their recipient counts, in queue order)
     could be sent, counting the message and recipient budgets only (the others bind far later);
     0.0 when nothing waits. Each message goes at the first moment both windows have room;

@@ -37,9 +37,10 @@ age a message towards its expiry, and Graph never saw it), a postponement and a 
 waiting for a sending budget is not failing (issue #12). Neither moves `next_attempt`, so the
 message keeps its place in its mailbox's line.
 
-The lifetime counts failing, not waiting in line: `claimed` credits the time an entry waited
-after it was due (for a budget, a paused mailbox or a free worker) to its `waited`, and the
-deadline is `created + waited + lifetime`.
+The lifetime counts failing, not waiting for the relay's own pacing: `claimed` credits the
+time an entry's mailbox was held back while the entry was due (no budget, paused, every Graph
+slot taken: `relay.core.waiting`) to its `waited`, and the deadline is
+`created + waited + lifetime`.
 
 Whether a Bury carries a `Bounce` (a DSN is due) is decided here too. A DSN goes to the
 envelope sender only when all of these hold: bounces are on; the sender is not `<>`; the entry
@@ -54,7 +55,7 @@ Nothing here reads a clock, a file or a random source: `now` and `jitter` come i
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Final
 
@@ -265,11 +266,13 @@ def settle(
     return Bury(tried, f"refused: {error}", _if_due(tried, bounce, policy))
 
 
-def claimed(entry: EntryMeta, now: float) -> EntryMeta:
-    """`entry` as a worker claimed it at `now`: the time it waited since it was due (and since
-    the last credit) is credited to `waited`, so it does not count against its lifetime."""
+def claimed(entry: EntryMeta, now: float, held: Callable[[float, float], float]) -> EntryMeta:
+    """`entry` as a worker claimed it at `now`. `held(since, until)` says how long its mailbox
+    was held back in that span; the part since it was due (and since the last credit) is
+    credited to `waited`, so it does not count against its lifetime."""
     due = max(entry.created, entry.next_attempt, entry.waited_to)
-    return replace(entry, waited=entry.waited + max(0.0, now - due), waited_to=max(now, due))
+    credit = held(due, now) if now > due else 0.0
+    return replace(entry, waited=entry.waited + credit, waited_to=max(now, due))
 
 
 def names_explicitly(patterns: Sequence[str], address: str) -> bool:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from relay.core.errors import PolicyError, SmtpReply
 from relay.core.message.addresses import fold_ascii
-from relay.core.values import Route
+from relay.core.values import Route, pool_key
 
 if TYPE_CHECKING:  # annotations only: pydantic loads socket (importlib.metadata, email)
     from relay.config.schema import ClientConfig, RouteConfig
@@ -173,16 +173,25 @@ def effective_sender(mail_from: str, authors: Sequence[str]) -> str:
 
 
 def choose_route(routes: Sequence[RouteConfig], sender: str) -> Route:
-    """The first route whose sender patterns match; its mailbox resolved for this sender."""
+    """The first route whose sender patterns match; its mailbox resolved for this sender (a
+    pool stays a pool: which member sends is decided at each attempt, by budget)."""
     for route in routes:
         if matches_any(sender, route.senders):
-            mailbox = sender if route.mailbox == "sender" else route.mailbox
+            pool = route.pool
+            if pool:
+                mailbox = pool_key(pool)
+            elif route.mailbox == "sender":
+                mailbox = sender
+            else:
+                assert isinstance(route.mailbox, str)
+                mailbox = route.mailbox
             return Route(
                 name=route.label,
                 auth_object=route.auth_object,
                 mailbox=mailbox,
                 rewrite_from=route.rewrite_from,
                 save_to_sent_items=route.save_to_sent_items,
+                pool=pool,
             )
     raise PolicyError(
         SmtpReply(550, "5.7.1", f"No outbound route is configured for sender <{_shown(sender)}>")

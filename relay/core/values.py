@@ -214,6 +214,7 @@ class Delivered:
     status: int
     request_id: str | None
     duration_ms: int
+    sent_as: str = ""  # the mailbox it went out as (a pool member); "" = the entry's mailbox
 
 
 Outcome = Delivered | DeliveryError

@@ -7,6 +7,12 @@ queue worker), the same rules apply and the same log events come out:
   (concepts/throttling-limits.md); a fifth would only earn a 429;
 - after a 429 with Retry-After, that mailbox is paused for everyone, not just for the one
   message that was throttled;
+- no request goes out before the mailbox's sending budgets have room for it (Exchange Online's
+  messages per minute and recipients per day, Graph's requests and uploads: `MailboxBudgets`);
+  a message without room comes back `Postponed`, unsent, and a pool's message goes out as the
+  member with the most budget left;
+- a limit answer (`mailbox_limit`: 429, ErrorExceededMessageLimit, ...) pauses the mailbox for
+  Retry-After or a learned back-off (`relay.core.pauses`), logged once per pause;
 - a message whose base64 form cannot fit Graph's 4 MB request takes the large-message path
   (draft + upload sessions, `relay.large`) with `delivery.large_messages: upload`, and is refused
   with 552 5.3.4 before sending with `reject`.
@@ -30,6 +36,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from relay.config.schema import Config
+from relay.core.budgets import Need
 from relay.core.errors import (
     DeliveryError,
     PermanentDeliveryError,
@@ -37,7 +44,7 @@ from relay.core.errors import (
     SmtpReply,
     TransientDeliveryError,
 )
-from relay.core.lifecycle import NoRoute
+from relay.core.lifecycle import NoRoute, Postponed
 from relay.core.limits import (
     GRAPH_MAX_REQUEST_BYTES,
     MAX_LARGE_MESSAGE,
@@ -46,9 +53,12 @@ from relay.core.limits import (
 )
 from relay.core.message.prepare import CannotConvertError, GraphJsonTooLargeError, to_graph_message
 from relay.core.policy import choose_route
-from relay.core.values import Delivered, EntryMeta, Outcome, Route, SendTarget
+from relay.core.values import Delivered, EntryMeta, Outcome, Route, SendTarget, pool_members
+from relay.delivery.budget import MailboxBudgets
+from relay.delivery.pacing import MailboxPauses, counted, from_graph, need_for_large, over_budget
 from relay.delivery.slots import MailboxSlots
 from relay.ops.metrics import NULL_METRICS, ErrorReport, MetricsSink
+from relay.store.protocol import Store
 
 __all__ = [
     "GraphAttempts",
@@ -59,6 +69,7 @@ __all__ = [
     "resolve_route",
     "routed",
     "send_target",
+    "sent_as",
     "size_limit",
 ]
 
@@ -112,6 +123,13 @@ def routed(entry: EntryMeta, route: Route) -> EntryMeta:
     return replace(entry, route=route.name, auth_object=route.auth_object, mailbox=route.mailbox)
 
 
+def sent_as(entry: EntryMeta, delivered: Delivered) -> EntryMeta:
+    """`entry` as its log events show it once delivered: the pool member that sent it."""
+    if delivered.sent_as and delivered.sent_as != entry.mailbox:
+        return replace(entry, mailbox=delivered.sent_as)
+    return entry
+
+
 def message_fields(meta: EntryMeta) -> dict[str, object]:
     """The structured log fields that identify a message in every event of its life."""
     return {
@@ -155,15 +173,6 @@ def error_report(
     )
 
 
-def _from_graph(failure: DeliveryError) -> bool:
-    """Whether Graph (or the way to it) produced `failure`, rather than the token step.
-
-    Token failures are 451 4.7.0 (relay.aadsts) and are counted as token acquisitions; the only
-    Graph answer mapped to 4.7.0 is its 401.
-    """
-    return failure.reply.status != "4.7.0" or failure.http_status == 401
-
-
 def send_target(config: Config, route: Route) -> SendTarget:
     """What one request through `route` sends as, with a fresh client-request-id (Graph's
     request-id is logged beside it, so support can find the request from either side)."""
@@ -186,55 +195,107 @@ class GraphAttempts:
         monotonic: Callable[[], float] = time.monotonic,
         clock: Callable[[], float] = time.time,
         metrics: MetricsSink = NULL_METRICS,
+        store: Store | None = None,
     ) -> None:
         self._config = config
         self._graph = graph
         self._monotonic = monotonic
         self._clock = clock
         self.metrics = metrics
-        self.slots = MailboxSlots(monotonic=monotonic)
+        self.budgets = MailboxBudgets(config=config, store=store, clock=clock)
+        self.slots = MailboxSlots(
+            monotonic=monotonic,
+            limit_for=lambda auth, box: self.budgets.limits(auth, box).concurrent_requests,
+        )
+        self.pauses = MailboxPauses(self.slots, metrics)
 
-    async def send(self, meta: EntryMeta, mime: bytes, route: Route) -> Outcome:
-        """One attempt through `route`. Never raises for Graph's or the network's failures."""
+    async def send(self, meta: EntryMeta, mime: bytes, route: Route) -> Outcome | Postponed:
+        """One attempt through `route`, or `Postponed` when its mailbox has no budget for it.
+        Never raises for Graph's or the network's failures."""
         config = self._config()
         chosen = self._choose(config, meta, mime, route)
         if isinstance(chosen, DeliveryError):
             return chosen
+        request, need = chosen
+        if route.pool:
+            auth = route.auth_object
+            member = self.budgets.choose_member(
+                auth, route.pool, need, full=lambda box: self.slots.busy(auth, box)
+            )
+            if isinstance(member, Postponed):
+                return member
+            route = route.member(member)
+        too_big = self.budgets.never_fits(route.auth_object, route.mailbox, need)
+        if too_big is not None:
+            return over_budget(route, too_big, need, self.budgets)
+        reservation = self.budgets.reserve(route.auth_object, route.mailbox, need)
+        if isinstance(reservation, Postponed):
+            return reservation
+        used: Need | None = need  # cancelled half-way: Graph may have counted it all
+        try:
+            return await self._request(config, route, request)
+        except DeliveryError as failure:
+            used = counted(failure, need)
+            return failure
+        finally:
+            self.budgets.finish(reservation, used)
+
+    async def _request(self, config: Config, route: Route, request: _Send) -> Delivered:
+        """The request itself, in one of the mailbox's Graph slots; raises DeliveryError."""
         target = send_target(config, route)
         started = self._monotonic()
         try:
             async with self.slots.hold(route.auth_object, route.mailbox):
                 requested = self._monotonic()  # the latency metric leaves out the slot wait
                 try:
-                    result = await chosen(target)
+                    result = await request(target)
                 except DeliveryError as failure:
-                    if _from_graph(failure):
+                    if from_graph(failure):
                         elapsed = self._monotonic() - requested
                         self.metrics.graph_response(failure.http_status, failure.code, elapsed)
                     raise
-        except DeliveryError as failure:
-            if isinstance(failure, TransientDeliveryError) and failure.http_status == 429:
-                self.slots.pause(route.auth_object, route.mailbox, failure.retry_after or 1.0)
-            return failure
+        except TransientDeliveryError as failure:
+            if failure.mailbox_limit:
+                self.pauses.limit_reached(route, failure)
+            raise
+        self.pauses.sent(route)
         self.metrics.graph_response(result.status, None, self._monotonic() - requested)
         return Delivered(
             status=result.status,
             request_id=result.request_id,
             duration_ms=round((self._monotonic() - started) * 1000),
+            sent_as=route.mailbox,
+        )
+
+    def can_send_now(self, meta: EntryMeta) -> bool:
+        """Whether an attempt for `meta` would start at once: a Graph slot free and room in
+        the budget (for a pool: in some member). A hint; `send` decides."""
+        auth, need = meta.auth_object, Need(len(meta.recipients))
+        members = pool_members(meta.mailbox) or (meta.mailbox,)
+        return any(
+            not self.slots.busy(auth, box) and self.budgets.wait(auth, box, need) is None
+            for box in members
         )
 
     def _choose(
         self, config: Config, meta: EntryMeta, mime: bytes, route: Route
-    ) -> _Send | DeliveryError:
-        """The request that can carry this message: Graph JSON when the route needs it (DESIGN
-        §3, §7), the large-message path past 4 MB, else one MIME request."""
+    ) -> tuple[_Send, Need] | DeliveryError:
+        """The request that can carry this message, and what it uses of the budgets: Graph
+        JSON when the route needs it (DESIGN §3, §7), the large-message path past 4 MB, else
+        one MIME request."""
         graph = self._graph
+        recipients = len(meta.recipients)
         if route.needs_json:
-            return self._json_send(meta, mime, route)
+            json_send = self._json_send(meta, mime, route)
+            return (
+                json_send if isinstance(json_send, DeliveryError) else (json_send, Need(recipients))
+            )
         if base64_size(len(mime)) <= GRAPH_MAX_REQUEST_BYTES:
-            return lambda target: graph.send_mime(target, mime)
+            return (lambda target: graph.send_mime(target, mime)), Need(recipients)
         if config.delivery.large_messages == "upload":
-            return lambda target: graph.send_large_mime(target, mime)
+            return (lambda target: graph.send_large_mime(target, mime)), need_for_large(
+                recipients, len(mime)
+            )
         return PermanentDeliveryError(
             "message too large for one Graph request (large_messages: reject)",
             reply=SmtpReply(

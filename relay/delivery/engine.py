@@ -35,11 +35,18 @@ from typing import Any
 
 from relay.config.schema import Config
 from relay.core.errors import DeliveryError, SmtpReply
-from relay.core.lifecycle import Crashed, Result
+from relay.core.lifecycle import Crashed, Postponed, Result
 from relay.core.values import Accepted, Delivered, EntryMeta, Refused, Submission, SubmitOutcome
-from relay.delivery.attempt import GraphAttempts, GraphSender, error_report, message_fields
+from relay.delivery.attempt import (
+    GraphAttempts,
+    GraphSender,
+    error_report,
+    message_fields,
+    sent_as,
+)
 from relay.delivery.bounces import Bouncer
 from relay.delivery.outcomes import RECORD_RETRY_FIRST, RECORD_RETRY_MAX, OutcomeRecorder
+from relay.delivery.pacing import no_budget_reply
 from relay.delivery.workers import RESCAN_SECONDS, QueueWorkers
 from relay.ops.metrics import NULL_METRICS, MetricsSink
 from relay.store.protocol import Store, StoreUnavailableError
@@ -99,7 +106,12 @@ class DeliveryEngine:
         self._metrics = metrics
         self.store = store
         self.attempts = GraphAttempts(
-            config=config, graph=graph, monotonic=monotonic, clock=clock, metrics=metrics
+            config=config,
+            graph=graph,
+            monotonic=monotonic,
+            clock=clock,
+            metrics=metrics,
+            store=store,
         )
         self.outcomes: OutcomeRecorder | None = None
         self.workers: QueueWorkers | None = None
@@ -152,6 +164,7 @@ class DeliveryEngine:
         if self.store is None or self.workers is None:
             return
         report = await self.store.recover()
+        sends = await self.attempts.budgets.load()
         log.info(
             "store recovered: %d requeued, %d quarantined, %d corrupt",
             report.requeued,
@@ -164,6 +177,7 @@ class DeliveryEngine:
                 "corrupt": report.corrupt,
                 "orphans_removed": report.orphans_removed,
                 "temp_removed": report.temp_removed,
+                "ledger_sends": sends,
             },
         )
         await self.workers.start()
@@ -185,6 +199,7 @@ class DeliveryEngine:
             await self.workers.stop(grace)
         if self.outcomes is not None:
             await self.outcomes.stop()
+        await self.attempts.budgets.stop()
 
     async def submit(self, submission: Submission) -> SubmitOutcome:
         """Deliver or queue per `delivery.mode`."""
@@ -199,9 +214,10 @@ class DeliveryEngine:
             return await self._direct(submission)
         meta = self._meta(submission)
         # hybrid commits the entry already claimed, so no worker races the inline attempt. When
-        # the mailbox's Graph slots are all taken the inline attempt would only wait, holding a
-        # claim a crash would count against the message: queue it for the workers instead.
-        inline = mode == "hybrid" and not self.attempts.slots.busy(meta.auth_object, meta.mailbox)
+        # the mailbox's Graph slots are all taken, or its sending budget has no room, the inline
+        # attempt would only wait, holding a claim a crash would count against the message:
+        # queue it for the workers instead (they send it when the budget frees).
+        inline = mode == "hybrid" and self.attempts.can_send_now(meta)
         try:
             await self.store.put(meta, submission.message.mime, claimed=inline)
         except StoreUnavailableError as exc:
@@ -262,6 +278,8 @@ class DeliveryEngine:
         try:
             # The route policy chose a moment ago, from the same configuration.
             result = await self.attempts.send(meta, mime, submission.route)
+            if isinstance(result, Delivered):
+                meta = sent_as(meta, result)
         except asyncio.CancelledError:
             await self.outcomes.release(meta)
             raise
@@ -303,11 +321,21 @@ class DeliveryEngine:
                 )
             )
             return Refused(SLOW_GRAPH)
+        if isinstance(outcome, Postponed):
+            reply = no_budget_reply(outcome)
+            log.info(
+                "refused %s for now: %s",
+                meta.queue_id,
+                outcome.reason,
+                extra={"event": "deferred", **message_fields(meta), "reply": str(reply)},
+            )
+            self._metrics.deferred(meta.route)
+            return Refused(reply)
         if isinstance(outcome, DeliveryError):
             event = "deferred" if outcome.reply.is_transient else "failed"
             self.attempts.log_failure(meta, outcome, event)
             return Refused(outcome.reply)
-        self.attempts.log_delivered(meta, outcome)
+        self.attempts.log_delivered(sent_as(meta, outcome), outcome)
         return Accepted(meta.queue_id, "delivered")
 
     def _meta(self, submission: Submission) -> EntryMeta:

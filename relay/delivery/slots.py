@@ -22,11 +22,25 @@ __all__ = ["MailboxSlots"]
 class MailboxSlots:
     """At most `limit` concurrent Graph requests per (auth object, mailbox), plus pauses."""
 
-    def __init__(self, limit: int = MAILBOX_CONCURRENCY, *, monotonic: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        limit: int = MAILBOX_CONCURRENCY,
+        *,
+        monotonic: Callable[[], float],
+        limit_for: Callable[[str, str], int] | None = None,
+    ) -> None:
         self.limit = limit
+        # A mailbox's own limit (delivery.mailbox_limits.concurrent_requests), at most `limit`.
+        self._limit_for = limit_for
         self._monotonic = monotonic
         self._slots: dict[MailboxKey, tuple[asyncio.Semaphore, int]] = {}
+        self._limits: dict[MailboxKey, int] = {}  # the limit each semaphore was made with
         self._paused: dict[MailboxKey, float] = {}
+
+    def limit_of(self, auth_object: str, mailbox: str) -> int:
+        if self._limit_for is None:
+            return self.limit
+        return max(1, min(self.limit, self._limit_for(auth_object, mailbox)))
 
     @staticmethod
     def key(auth_object: str, mailbox: str) -> MailboxKey:
@@ -38,13 +52,17 @@ class MailboxSlots:
 
     def busy(self, auth_object: str, mailbox: str, *, starting: int = 0) -> bool:
         """True when a new request (after `starting` others about to start) would wait."""
-        if self.users(auth_object, mailbox) + starting >= self.limit:
+        if self.users(auth_object, mailbox) + starting >= self.limit_of(auth_object, mailbox):
             return True
         return self.paused_for(auth_object, mailbox) > 0
 
     def busy_keys(self) -> set[MailboxKey]:
         """Every mailbox a new request would have to wait for (for `Store.due(exclude=)`)."""
-        full = {key for key, (_, users) in self._slots.items() if users >= self.limit}
+        full = {
+            key
+            for key, (_, users) in self._slots.items()
+            if users >= self._limits.get(key, self.limit)
+        }
         now = self._monotonic()
         return full | {key for key, until in self._paused.items() if until > now}
 
@@ -62,14 +80,21 @@ class MailboxSlots:
             return 0.0
         return remaining
 
-    def pause(self, auth_object: str, mailbox: str, seconds: float) -> None:
+    def pause(self, auth_object: str, mailbox: str, seconds: float) -> float:
+        """Pause the mailbox for `seconds` from now (a longer pause stays); the seconds this
+        added to the pause (0.0 when it was paused as long already)."""
         key = self.key(auth_object, mailbox)
-        self._paused[key] = max(self._paused.get(key, 0.0), self._monotonic() + seconds)
+        now = self._monotonic()
+        before = max(now, self._paused.get(key, 0.0))
+        self._paused[key] = max(before, now + seconds)
+        return self._paused[key] - before
 
     @contextlib.asynccontextmanager
     async def hold(self, auth_object: str, mailbox: str) -> AsyncIterator[None]:
         key = self.key(auth_object, mailbox)
-        semaphore, users = self._slots.get(key, (asyncio.Semaphore(self.limit), 0))
+        if key not in self._slots:
+            self._limits[key] = self.limit_of(auth_object, mailbox)
+        semaphore, users = self._slots.get(key, (asyncio.Semaphore(self._limits[key]), 0))
         self._slots[key] = (semaphore, users + 1)
         try:
             async with semaphore:
@@ -81,5 +106,6 @@ class MailboxSlots:
             semaphore, users = self._slots[key]
             if users <= 1:
                 del self._slots[key]  # as small as the set of busy mailboxes
+                self._limits.pop(key, None)
             else:
                 self._slots[key] = (semaphore, users - 1)

@@ -19,6 +19,7 @@ crash by the store's recovery.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -26,17 +27,27 @@ from collections import Counter
 from collections.abc import Callable
 
 from relay.config.schema import Config
+from relay.core.budgets import Need
 from relay.core.lifecycle import Crashed, NoRoute, Result, SettlePolicy, settle
-from relay.core.values import EntryMeta
-from relay.delivery.attempt import GraphAttempts, message_fields, resolve_route, routed
+from relay.core.lifecycle import claimed as claimed_at
+from relay.core.values import Delivered, EntryMeta, pool_key, pool_members
+from relay.core.waiting import HeldBack
+from relay.delivery.attempt import GraphAttempts, message_fields, resolve_route, routed, sent_as
 from relay.delivery.outcomes import OutcomeRecorder
-from relay.store.protocol import EntryNotFoundError, MailboxKey, Store, StoreUnavailableError
+from relay.store.protocol import (
+    EntryNotFoundError,
+    MailboxKey,
+    Store,
+    StoreUnavailableError,
+    mailbox_key,
+)
 
 __all__ = ["RESCAN_SECONDS", "QueueWorkers"]
 
 log = logging.getLogger("relay.delivery")
 
 RESCAN_SECONDS = 10.0
+_FILL_ROUNDS = 8  # Store.due calls per fill, each without the mailboxes the last one filled
 _LOOP_ERROR_PAUSE = 1.0
 
 
@@ -73,6 +84,9 @@ class QueueWorkers:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._budget_wake: float | None = None  # seconds until a spent budget frees
+        # When each mailbox was held back by our own pacing (credited against the lifetime).
+        self._held: HeldBack[MailboxKey] = HeldBack(horizon=initial.delivery.retry.lifetime)
 
     @property
     def running(self) -> bool:
@@ -139,35 +153,93 @@ class QueueWorkers:
                     pass
 
     async def _fill(self) -> float:
-        """Claim due entries while there is capacity; return seconds until worth looking again."""
+        """Claim due entries while there is capacity; return seconds until worth looking again.
+
+        Fairness: a mailbox that cannot start another send now (its Graph slots are taken, it
+        is paused, its budget has no room for the entry at the head of its line) is left out
+        of the next `Store.due` call, so one mailbox's backlog never hides another mailbox's
+        mail; within a mailbox the head of the line goes first (order of acceptance)."""
         now = self._clock()
         capacity = self._config().delivery.concurrency - len(self._workers)
         if capacity <= 0:
             return self._rescan  # a worker finishing wakes the loop
+        self._budget_wake = None
+        blocked = self._blocked()
+        started = 0
+        for _ in range(_FILL_ROUNDS):
+            found, started_now, newly = await self._fill_round(now, capacity - started, blocked)
+            started += started_now
+            blocked |= newly  # look again without the mailboxes that just filled up
+            if started >= capacity or not newly or not found:
+                break
+        self._held.observe(blocked, now)
+        if started >= capacity:
+            return 0.0
+        return await self._idle_wait(now)
+
+    def _blocked(self) -> set[MailboxKey]:
+        """Mailboxes (and pools) that cannot start a send now."""
+        slots, budgets = self._attempts.slots, self._attempts.budgets
+        blocked: set[MailboxKey] = set(slots.busy_keys())
+        for key, wait in budgets.blocked().items():
+            blocked.add(key)
+            self._note_budget_wait(wait)
+        for route in self._config().routes:
+            if route.pool:
+                pool = mailbox_key(route.auth_object, pool_key(route.pool))
+                members = [mailbox_key(route.auth_object, m) for m in route.pool]
+                if all(m in blocked for m in members):
+                    blocked.add(pool)
+        return blocked
+
+    async def _fill_round(
+        self, now: float, capacity: int, blocked: set[MailboxKey]
+    ) -> tuple[int, int, set[MailboxKey]]:
+        """One `Store.due` call and the claims it allows: (listed, started, newly blocked)."""
         slots = self._attempts.slots
-        exclude: set[MailboxKey] = slots.busy_keys()
-        due = await self._store.due(now, capacity + len(self._workers), exclude)
+        due = await self._store.due(now, capacity + len(self._workers), blocked)
         starting: Counter[MailboxKey] = Counter()
+        newly: set[MailboxKey] = set()
         started = 0
         for entry in due:
             if self._stopping or started >= capacity:
                 break
             key = slots.key(entry.auth_object, entry.mailbox)
+            if key in newly:
+                continue  # the head of this mailbox's line waits: nothing behind it overtakes
             if entry.queue_id in self._workers or self._outcomes.is_pending(entry.queue_id):
                 continue
             if self._resting.get(entry.queue_id, 0.0) > self._monotonic():
                 continue
-            if slots.busy(entry.auth_object, entry.mailbox, starting=starting[key]):
-                continue  # a worker finishing (or the pause ending) wakes the loop
+            if not self._may_start(entry, starting[key]):
+                newly.add(key)
+                continue
             claimed = await self._store.claim(entry.queue_id)
             if claimed is None:
                 continue  # another worker, relay or the CLI got there first
             starting[key] += 1
             started += 1
-            self._spawn(claimed)
-        if started >= capacity:
-            return 0.0
-        return await self._idle_wait(now)
+            key_held = functools.partial(self._held.held, key)
+            self._spawn(claimed_at(claimed, self._clock(), key_held))
+        return len(due), started, newly
+
+    def _may_start(self, entry: EntryMeta, starting: int) -> bool:
+        """Whether a send for `entry` could start now, beside `starting` others of its mailbox
+        started in this round (for a pool: through some member). A hint; `send` decides."""
+        slots, budgets = self._attempts.slots, self._attempts.budgets
+        need = Need(len(entry.recipients))
+        for box in pool_members(entry.mailbox) or (entry.mailbox,):
+            if slots.busy(entry.auth_object, box, starting=starting):
+                continue
+            waiting = budgets.wait(entry.auth_object, box, need)
+            if waiting is None:
+                return True
+            self._note_budget_wait(waiting.wait)
+        return False
+
+    def _note_budget_wait(self, wait: float | None) -> None:
+        if wait is not None:
+            self._budget_wake = wait if self._budget_wake is None else min(wait, self._budget_wake)
 
     async def _idle_wait(self, now: float) -> float:
         next_due = await self._store.next_due()
@@ -175,10 +247,11 @@ class QueueWorkers:
             return self._rescan
         if next_due > now:
             return next_due - now
-        # Due but blocked: full or paused mailboxes, or unrecorded outcomes. A worker finishing
-        # or a recorded outcome wakes the loop; a pause ends by itself.
-        pause = self._attempts.slots.next_unpause()
-        return pause if pause is not None else self._rescan
+        # Due but blocked: full or paused mailboxes, spent budgets, or unrecorded outcomes. A
+        # worker finishing or a recorded outcome wakes the loop; a pause and a budget window
+        # end by themselves.
+        waits = [w for w in (self._attempts.slots.next_unpause(), self._budget_wake) if w]
+        return min(waits) if waits else self._rescan
 
     def _spawn(self, entry: EntryMeta) -> None:
         task = asyncio.create_task(self._work(entry), name=f"deliver-{entry.queue_id}")
@@ -202,6 +275,8 @@ class QueueWorkers:
             else:
                 entry = routed(entry, route)
                 result = await self._attempts.send(entry, mime, route)
+                if isinstance(result, Delivered):
+                    entry = sent_as(entry, result)
         except EntryNotFoundError as exc:  # set aside as corrupt, or removed by an operator
             log.warning(
                 "not delivering %s: %s",

@@ -38,6 +38,7 @@ from relay.core.errors import (
 )
 
 __all__ = [
+    "MAILBOX_LIMIT_CODES",
     "MIME_ERROR_CODES",
     "GraphError",
     "NetworkFailure",
@@ -61,9 +62,31 @@ MIME_ERROR_CODES = frozenset(
         "ErrorInvalidInternetMessageHeader",
     }
 )
+# Graph's and Exchange's answers that a *mailbox* reached a sending limit, whatever the HTTP
+# status they come with (429, 403, 503 seen): the mailbox pauses, the message waits, nothing
+# bounces (issue #12). Matched against every code level and, for Exchange's NDR-style texts
+# carried in a message, the message.
+MAILBOX_LIMIT_CODES = frozenset(
+    {
+        "ErrorExceededMessageLimit",
+        "SubmissionQuotaExceeded",
+        "SubmissionQuotaExceededException",
+        "ErrorSubmissionQuotaExceeded",
+        "CommandConcurrencyLimitReached",
+        "MailboxConcurrency",
+        "ApplicationThrottled",
+        "ErrorTooManyObjectsOpened",
+    }
+)
+_LIMIT_TEXTS = ("QuotaExceeded", "MailboxConcurrency", "5.2.0", "5.1.90", "sending limit")
 # 4xx answers that come from the path (a proxy) or a momentary state, not from the message.
 _TRANSIENT_4XX = frozenset({407, 408, 423, 425})
 
+_REMEDY_LIMIT = (
+    "the mailbox reached Exchange Online's sending limit; lower delivery.mailbox_limits or "
+    "spread the route over a pool of mailboxes (another app sending as this mailbox counts "
+    "too); its mail waits, not before Retry-After"
+)
 _REMEDY_THROTTLED = (
     "Graph is throttling or unavailable; temporary: the message is sent again later, "
     "not before Retry-After"
@@ -225,6 +248,20 @@ def error_from_response(
             **common,
         )
 
+    limit = _mailbox_limit(status, codes, parsed.message)
+    if limit is not None:
+        return TransientDeliveryError(
+            message,
+            reply=SmtpReply(
+                451,
+                "4.4.2",
+                f"Sending limit of the mailbox reached ({shown}{suffix}), try again later",
+            ),
+            retry_after=parse_retry_after(lowered.get("retry-after"), now=clock),
+            mailbox_limit=limit,
+            remedy=_REMEDY_LIMIT,
+            **common,
+        )
     if status == 413 or "ErrorMessageSizeExceeded" in codes:
         return permanent(552, "5.3.4", "Message too large for Microsoft 365", _REMEDY_SIZE)
     if status == 429 or status >= 500:
@@ -257,6 +294,20 @@ def error_from_response(
         return permanent(554, "5.0.0", "Microsoft 365 refused the message", _REMEDY_OTHER)
     # 1xx/2xx/3xx other than 202: nothing says the message was accepted, so do not drop it.
     return transient("4.4.2", "Unexpected answer from Microsoft 365", _REMEDY_OTHER)
+
+
+def _mailbox_limit(status: int, codes: set[str], text: str) -> str | None:
+    """Which sending limit the answer says the mailbox reached, or None. Every 429 is one
+    (Graph throttles per app and mailbox); so is a known limit code at any status."""
+    for code in sorted(codes & MAILBOX_LIMIT_CODES):
+        if code == "ApplicationThrottled" and "MailboxConcurrency" in text:
+            return "MailboxConcurrency"
+        return code
+    if status in (429, 503) and any(t in text for t in _LIMIT_TEXTS):
+        return next(t for t in _LIMIT_TEXTS if t in text)
+    if status == 429:
+        return next(iter(sorted(codes)), "TooManyRequests")
+    return None
 
 
 def error_from_network(

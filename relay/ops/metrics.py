@@ -33,6 +33,10 @@ by the configuration, and a route keeps its series when routes are inserted or r
                                                 at most MAX_ERROR_CODES values, then "other"
     token_acquisitions_total{auth_object,outcome}  round trips to Entra; outcome ok|failed
                                                 (tokens served from MSAL's cache do not count)
+    mailbox_paused_seconds_total{mailbox,reason}   seconds a mailbox was paused after a limit
+                                                answer (reason: the limit, e.g. MailboxConcurrency)
+    mailbox_budget_used / _limit, queue_drain_eta_seconds, mailbox_waiting: per mailbox at
+                                                scrape time (relay.ops.mailbox_gauges)
     queue_depth{state}                          gauge at scrape time: queued|active entries
     queue_oldest_age_seconds                    gauge at scrape time: oldest undelivered entry
     dead_letters{state}                         gauge at scrape time: dead|quarantine|corrupt
@@ -49,7 +53,7 @@ from __future__ import annotations
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
@@ -57,6 +61,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from relay import __version__
+from relay.ops.mailbox_gauges import MailboxRow, render_mailboxes
 from relay.ops.queue_gauges import QueueReading, render_queue
 
 __all__ = [
@@ -138,6 +143,9 @@ class MetricsSink(Protocol):
     def delivery_error(self, report: ErrorReport) -> None:
         """Details of a failed attempt, for the status page."""
 
+    def mailbox_paused(self, mailbox: str, reason: str, seconds: float) -> None:
+        """A limit answer paused `mailbox` for `seconds` more."""
+
 
 class NullMetrics:
     """A `MetricsSink` that records nothing: the default of every instrumented constructor."""
@@ -170,6 +178,9 @@ class NullMetrics:
         pass
 
     def delivery_error(self, report: ErrorReport) -> None:
+        pass
+
+    def mailbox_paused(self, mailbox: str, reason: str, seconds: float) -> None:
         pass
 
 
@@ -262,6 +273,12 @@ class RelayMetrics:
             ["code"],
             registry=r,
         )
+        self._paused = Counter(
+            f"{PREFIX}mailbox_paused_seconds",
+            "Seconds sending mailboxes were paused after a limit answer, by limit.",
+            ["mailbox", "reason"],
+            registry=r,
+        )
         self._tokens = Counter(
             f"{PREFIX}token_acquisitions",
             "Token requests to the identity provider (cache hits excluded), by outcome.",
@@ -274,10 +291,17 @@ class RelayMetrics:
 
     # --- the exposition ------------------------------------------------------------------------
 
-    def render(self, queue: QueueReading | None = None, *, now: float | None = None) -> bytes:
-        """The Prometheus text exposition: the event series, and the queue gauges from `queue`
-        (one reading of `Store.stats`; None in direct mode: no queue series). No I/O."""
-        text = generate_latest(self.registry)
+    def render(
+        self,
+        queue: QueueReading | None = None,
+        *,
+        now: float | None = None,
+        mailboxes: Sequence[MailboxRow] = (),
+    ) -> bytes:
+        """The Prometheus text exposition: the event series, the mailbox gauges from
+        `mailboxes`, and the queue gauges from `queue` (one reading of `Store.stats`; None in
+        direct mode: no queue series). No I/O."""
+        text = generate_latest(self.registry) + render_mailboxes(mailboxes)
         if queue is None:
             return text
         return text + render_queue(queue, self._clock() if now is None else now)
@@ -335,3 +359,6 @@ class RelayMetrics:
             return "other"
         self._error_codes.add(clean)
         return clean
+
+    def mailbox_paused(self, mailbox: str, reason: str, seconds: float) -> None:
+        self._paused.labels(mailbox, self._error_code(reason)).inc(max(0.0, seconds))

@@ -72,7 +72,7 @@ def render_status(view: StatusView) -> str:
                     route.label,
                     ", ".join(route.senders),
                     route.auth_object,
-                    "the sender's own mailbox" if route.mailbox == "sender" else route.mailbox,
+                    route.mailbox_shown,
                 ]
                 for route in view.config.routes
             ],

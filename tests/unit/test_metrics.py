@@ -21,6 +21,7 @@ from relay.core.errors import (
 )
 from relay.core.values import EntryMeta, Route
 from relay.delivery.attempt import GraphAttempts
+from relay.ops.mailbox_gauges import MailboxRow
 from relay.ops.metrics import (
     MAX_ERROR_CODES,
     NULL_METRICS,
@@ -97,6 +98,7 @@ def test_every_documented_family_is_exposed_with_its_type() -> None:
         f"{P}queue_depth": "gauge",
         f"{P}queue_oldest_age_seconds": "gauge",
         f"{P}dead_letters": "gauge",
+        f"{P}mailbox_paused_seconds": "counter",
     }
 
 
@@ -435,3 +437,33 @@ def test_log_failure_feeds_counters_and_the_error_list(tmp_path: Path) -> None:
     )
     assert latest.remedy == "assign an Exchange Online licence to the mailbox"
     assert latest.reply.startswith("550 5.1.1")
+
+
+def test_mailbox_budgets_and_pauses_are_exposed_per_mailbox() -> None:
+    """Issue #12: used / limit per mailbox and limit, the drain ETA, the paused seconds."""
+    metrics = RelayMetrics()
+    metrics.mailbox_paused("noreply@contoso.com", "ErrorExceededMessageLimit", 60.0)
+    metrics.mailbox_paused("noreply@contoso.com", "ErrorExceededMessageLimit", 30.0)
+    row = MailboxRow(
+        auth_object="contoso",
+        mailbox="noreply@contoso.com",
+        used={"messages_per_minute": 12, "recipients_per_day": 40},
+        limits={"messages_per_minute": 30, "recipients_per_day": 10_000},
+        in_flight=1,
+        waiting=7,
+        drain_eta=42.5,
+        paused_for=0.0,
+    )
+    text = metrics.render(mailboxes=[row]).decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    box = ("mailbox", "noreply@contoso.com")
+    assert samples[(f"{P}mailbox_budget_used", (("limit", "messages_per_minute"), box))] == 12
+    assert samples[(f"{P}mailbox_budget_limit", (("limit", "recipients_per_day"), box))] == 10_000
+    assert samples[(f"{P}queue_drain_eta_seconds", (box,))] == 42.5
+    assert samples[(f"{P}mailbox_waiting", (box,))] == 7
+    paused = (box, ("reason", "ErrorExceededMessageLimit"))
+    assert samples[(f"{P}mailbox_paused_seconds_total", paused)] == 90.0

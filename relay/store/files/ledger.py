@@ -66,7 +66,9 @@ class SendLedger:
         data = b"".join(_line(r) for r in records)
         with self._lock:
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fd = os.open(
+                    self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
                 try:
                     os.write(fd, data)
                 finally:
@@ -111,4 +113,3 @@ class SendLedger:
                     temp.unlink()
                 raise StoreUnavailableError(f"cannot compact the send ledger: {exc}") from exc
             self._lines = self._kept = len(kept)
-
