@@ -38,7 +38,7 @@ from email.policy import default as default_policy
 from pathlib import Path
 from typing import Literal
 
-from bench import MAILBOX, relay_config_text, sandbox_world, write_secret
+from bench import MAILBOX, UNPACED, relay_config_text, sandbox_world, write_secret
 from bench.loadgen import LoadConfig, LoadGenerator, LoadReport
 from relay.sandbox import Sandbox
 
@@ -480,7 +480,7 @@ async def _soak(args: argparse.Namespace) -> int:
             spool = base / "spool"
             delivery = (
                 f"{{mode: {args.mode}, inline_timeout: 200ms, spool_dir: {spool}, "
-                "retry: {first: 100ms, max: 500ms, lifetime: 1h}}"
+                "retry: {first: 100ms, max: 500ms, lifetime: 1h}, " + UNPACED + "}"
             )
             config = base / "relay.yaml"
             secret = write_secret(base)

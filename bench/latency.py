@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import MAILBOX, relay_config_text, sandbox_world, write_secret
+from bench import MAILBOX, UNPACED, relay_config_text, sandbox_world, write_secret
 from bench.crash_soak import RelayProcess, free_port
 from bench.loadgen import LoadConfig, LoadGenerator, LoadReport, percentile
 from relay.config.load import parse_config
@@ -73,7 +73,7 @@ def _prepare(folder: Path, sandbox: Sandbox, port: int, mode: str) -> tuple[str,
     folder.mkdir(parents=True)
     delivery = (
         f"{{mode: {mode}, inline_timeout: 10s, spool_dir: {folder / 'spool'}, "
-        "retry: {first: 1s, max: 10s, lifetime: 1h}}"
+        "retry: {first: 1s, max: 10s, lifetime: 1h}, " + UNPACED + "}"
     )
     text = relay_config_text(
         sandbox, port=port, delivery=delivery, secret_file=write_secret(folder)

@@ -34,6 +34,7 @@ from bench import (
     RECIPIENT,
     SECRET,
     TENANT,
+    UNPACED,
     relay_config_text,
     sandbox_world,
     write_secret,
@@ -119,7 +120,7 @@ def _config(sandbox: Sandbox, folder: Path, port: int, scenario: Scenario) -> st
     large = "upload" if scenario.large else "reject"
     delivery = (
         f"{{mode: {scenario.mode}, inline_timeout: 60s, spool_dir: {folder / 'spool'}, "
-        f"large_messages: {large}, retry: {{first: 1s, max: 10s, lifetime: 1h}}}}"
+        f"large_messages: {large}, retry: {{first: 1s, max: 10s, lifetime: 1h}}, {UNPACED}}}"
     )
     text = relay_config_text(
         sandbox, port=port, delivery=delivery, secret_file=write_secret(folder)

@@ -55,7 +55,14 @@ from relay.core.message.prepare import CannotConvertError, GraphJsonTooLargeErro
 from relay.core.policy import choose_route
 from relay.core.values import Delivered, EntryMeta, Outcome, Route, SendTarget, pool_members
 from relay.delivery.budget import MailboxBudgets
-from relay.delivery.pacing import MailboxPauses, counted, from_graph, need_for_large, over_budget
+from relay.delivery.pacing import (
+    MailboxPauses,
+    counted,
+    from_graph,
+    need_for_large,
+    need_of,
+    over_budget,
+)
 from relay.delivery.slots import MailboxSlots
 from relay.ops.metrics import NULL_METRICS, ErrorReport, MetricsSink
 from relay.store.protocol import Store
@@ -270,7 +277,8 @@ class GraphAttempts:
     def can_send_now(self, meta: EntryMeta) -> bool:
         """Whether an attempt for `meta` would start at once: a Graph slot free and room in
         the budget (for a pool: in some member). A hint; `send` decides."""
-        auth, need = meta.auth_object, Need(len(meta.recipients))
+        auth = meta.auth_object
+        need = need_of(meta, self._config().delivery.large_messages)
         members = pool_members(meta.mailbox) or (meta.mailbox,)
         return any(
             not self.slots.busy(auth, box) and self.budgets.wait(auth, box, need) is None

@@ -26,8 +26,9 @@ from relay.core.errors import (
     TransientDeliveryError,
 )
 from relay.core.lifecycle import Postponed
+from relay.core.limits import GRAPH_MAX_REQUEST_BYTES, base64_size
 from relay.core.pauses import pause_for
-from relay.core.values import Route
+from relay.core.values import EntryMeta, Route
 from relay.delivery.budget import MailboxBudgets
 from relay.delivery.slots import MailboxSlots
 from relay.graph.large import CHUNK_SIZE
@@ -39,6 +40,7 @@ __all__ = [
     "counted",
     "from_graph",
     "need_for_large",
+    "need_of",
     "no_budget_reply",
     "over_budget",
 ]
@@ -62,6 +64,15 @@ def need_for_large(recipients: int, size: int) -> Need:
     upload = size * 3 // 4
     chunks = -(-upload // CHUNK_SIZE)
     return Need(recipients, requests=3 + 2 * chunks, upload=upload)
+
+
+def need_of(entry: EntryMeta, large_messages: str) -> Need:
+    """What `entry` will use of its mailbox's budgets, judged from its size before its message
+    is read (the workers' check before a claim: a message without room is never read)."""
+    recipients = len(entry.recipients)
+    if base64_size(entry.size) > GRAPH_MAX_REQUEST_BYTES and large_messages == "upload":
+        return need_for_large(recipients, entry.size)
+    return Need(recipients)
 
 
 def counted(failure: DeliveryError, need: Need) -> Need | None:

@@ -27,13 +27,13 @@ from collections import Counter
 from collections.abc import Callable
 
 from relay.config.schema import Config
-from relay.core.budgets import Need
 from relay.core.lifecycle import Crashed, NoRoute, Result, SettlePolicy, settle
 from relay.core.lifecycle import claimed as claimed_at
 from relay.core.values import Delivered, EntryMeta, pool_key, pool_members
 from relay.core.waiting import HeldBack
 from relay.delivery.attempt import GraphAttempts, message_fields, resolve_route, routed, sent_as
 from relay.delivery.outcomes import OutcomeRecorder
+from relay.delivery.pacing import need_of
 from relay.store.protocol import (
     EntryNotFoundError,
     MailboxKey,
@@ -227,7 +227,7 @@ class QueueWorkers:
         """Whether a send for `entry` could start now, beside `starting` others of its mailbox
         started in this round (for a pool: through some member). A hint; `send` decides."""
         slots, budgets = self._attempts.slots, self._attempts.budgets
-        need = Need(len(entry.recipients))
+        need = need_of(entry, self._config().delivery.large_messages)
         for box in pool_members(entry.mailbox) or (entry.mailbox,):
             if slots.busy(entry.auth_object, box, starting=starting):
                 continue

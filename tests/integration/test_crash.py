@@ -22,13 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from bench import UNPACED
 from bench.crash_soak import RelayProcess, SoakSettings, run_soak, spool_tree
 from bench.loadgen import LoadConfig, LoadGenerator
 from relay.sandbox import Sandbox
 from tests.conftest import MAILBOX
 from tests.integration.test_cli import free_port, write_config
 
-RETRY = "retry: {first: 100ms, max: 500ms, lifetime: 1h}"
+RETRY = "retry: {first: 100ms, max: 500ms, lifetime: 1h}, " + UNPACED
 
 
 def delivery(mode: str, spool: Path) -> str:

@@ -281,8 +281,8 @@ def _send(at: float, recipients: int = 1) -> SendRecord:
 async def test_a_torn_last_ledger_line_is_skipped(relay: FileStore) -> None:
     """kill -9 in the middle of an append leaves half a line; the sends before it still count."""
     await relay.record_sends([_send(NOW - 2), _send(NOW - 1)])
-    with open(relay.ledger.path, "ab") as out:
-        out.write(b'{"at":1700000000.0,"auth_obj')
+    path = relay.ledger.path
+    path.write_bytes(path.read_bytes() + b'{"at":1700000000.0,"auth_obj')
     assert [r.at for r in await relay.sends_since(0.0)] == [NOW - 2, NOW - 1]
 
 
