@@ -40,7 +40,10 @@ class MailboxLimitsConfig(StrictModel):
     # Graph answers a fifth concurrent request with 429 MailboxConcurrency: never more than 4.
     concurrent_requests: int = Field(default=4, ge=1, le=4)
     requests_per_10_minutes: int = Field(default=10_000, ge=1)
-    upload_per_5_minutes: ByteSize = Field(default=150_000_000, ge=1)
+    # Graph's "150 MB" in binary megabytes, as Exchange counts sizes: the same 150 MB as the
+    # largest attachment an upload session takes (relay.graph.large.MAX_ATTACHMENT), which a
+    # decimal budget could never let through.
+    upload_per_5_minutes: ByteSize = Field(default=150 * 1024 * 1024, ge=1)
     overrides: list[LimitOverride] = Field(default_factory=list)
 
     @field_validator("overrides")

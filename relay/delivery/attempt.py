@@ -278,7 +278,8 @@ class GraphAttempts:
         """Whether an attempt for `meta` would start at once: a Graph slot free and room in
         the budget (for a pool: in some member). A hint; `send` decides."""
         auth = meta.auth_object
-        need = need_of(meta, self._config().delivery.large_messages)
+        upload_limit = self.budgets.limits(auth, meta.mailbox).upload_per_5_minutes
+        need = need_of(meta, self._config().delivery.large_messages, upload_limit)
         members = pool_members(meta.mailbox) or (meta.mailbox,)
         return any(
             not self.slots.busy(auth, box) and self.budgets.wait(auth, box, need) is None
@@ -302,7 +303,9 @@ class GraphAttempts:
             return (lambda target: graph.send_mime(target, mime)), Need(recipients)
         if config.delivery.large_messages == "upload":
             return (lambda target: graph.send_large_mime(target, mime)), need_for_large(
-                recipients, len(mime)
+                recipients,
+                len(mime),
+                self.budgets.limits(route.auth_object, route.mailbox).upload_per_5_minutes,
             )
         return PermanentDeliveryError(
             "message too large for one Graph request (large_messages: reject)",

@@ -57,21 +57,22 @@ def from_graph(failure: DeliveryError) -> bool:
     return failure.reply.status != "4.7.0" or failure.http_status == 401
 
 
-def need_for_large(recipients: int, size: int) -> Need:
+def need_for_large(recipients: int, size: int, upload_limit: int) -> Need:
     """The large path's use of the budgets, from above: the decoded attachments are at most 3/4
     of the MIME (base64), sent in CHUNK_SIZE PUTs, plus the draft, a session per attachment
-    (at most one per chunk), the send and a clean-up."""
-    upload = size * 3 // 4
+    (at most one per chunk), the send and a clean-up. The upload is capped at the mailbox's
+    whole upload budget: the estimate errs high, and a message must not be refused for it."""
+    upload = min(size * 3 // 4, upload_limit)
     chunks = -(-upload // CHUNK_SIZE)
     return Need(recipients, requests=3 + 2 * chunks, upload=upload)
 
 
-def need_of(entry: EntryMeta, large_messages: str) -> Need:
+def need_of(entry: EntryMeta, large_messages: str, upload_limit: int) -> Need:
     """What `entry` will use of its mailbox's budgets, judged from its size before its message
     is read (the workers' check before a claim: a message without room is never read)."""
     recipients = len(entry.recipients)
     if base64_size(entry.size) > GRAPH_MAX_REQUEST_BYTES and large_messages == "upload":
-        return need_for_large(recipients, entry.size)
+        return need_for_large(recipients, entry.size, upload_limit)
     return Need(recipients)
 
 

@@ -227,7 +227,8 @@ class QueueWorkers:
         """Whether a send for `entry` could start now, beside `starting` others of its mailbox
         started in this round (for a pool: through some member). A hint; `send` decides."""
         slots, budgets = self._attempts.slots, self._attempts.budgets
-        need = need_of(entry, self._config().delivery.large_messages)
+        upload_limit = budgets.limits(entry.auth_object, entry.mailbox).upload_per_5_minutes
+        need = need_of(entry, self._config().delivery.large_messages, upload_limit)
         for box in pool_members(entry.mailbox) or (entry.mailbox,):
             if slots.busy(entry.auth_object, box, starting=starting):
                 continue
