@@ -17,6 +17,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
+
+from relay.cli.main import main
 from relay.sandbox import Sandbox
 from tests.conftest import CLIENT_ID, MAILBOX, SECRET, TENANT, relay_config_text
 
@@ -114,8 +117,36 @@ async def test_logging_file_is_reopened_at_its_path_on_sigusr1(
         await until(lambda: queue_id in log_file.read_text())
         assert queue_id not in rotated.read_text()
         assert "listening on" in rotated.read_text()
+        moved = tmp_path / "log" / "moved.log"
+        config.write_text(config.read_text().replace(str(log_file), str(moved)))
+        process.send_signal(signal.SIGHUP)  # a reload applies a changed logging.file
+        await until(lambda: moved.exists() and "configuration reloaded" in moved.read_text())
     assert process.stderr is not None
     assert await process.stderr.read() == b""
+
+
+def test_serve_that_cannot_open_its_log_file_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A logging.file in a folder that does not exist: exit 1 before anything starts, one line
+    naming the key, the cause and both fixes; no traceback."""
+    (tmp_path / "secret.txt").write_text(SECRET + "\n")
+    config = tmp_path / "relay.yaml"
+    config.write_text(
+        "smtp: {listeners: [{address: 127.0.0.1, port: 0}]}\n"
+        "clients: [{name: c, networks: [127.0.0.1/32], senders: ['*@contoso.com']}]\n"
+        f"auth_objects: {{contoso: {{tenant_id: {TENANT}, client_id: {CLIENT_ID}, "
+        "client_secret_file: secret.txt}}\n"
+        "routes: [{senders: ['*@contoso.com'], auth_object: contoso}]\n"
+        "logging: {file: no-such-folder/relay.log}\n"
+    )
+    assert main(["serve", "-c", str(config)]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(
+        f"cannot start: logging.file {tmp_path / 'no-such-folder' / 'relay.log'}: "
+        "No such file or directory; create its folder"
+    )
+    assert line.endswith("or remove logging.file to log to standard error (journald)")
 
 
 async def test_a_rotated_secret_file_is_read_again_on_sighup(
