@@ -39,10 +39,22 @@ def matches_any_domain(pattern: str) -> bool:
 _Token = tuple[bool, frozenset[str]] | str
 
 
+_FOLD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _class_end(text: str, start: int) -> int:
+    """Index of the `]` closing the class opened at `start`, or -1 (then `[` is a literal).
+    As fnmatch: a `]` right after `[` or `[!` belongs to the class."""
+    j = start + 1
+    if text[j : j + 1] == "!":
+        j += 1
+    if text[j : j + 1] == "]":
+        j += 1
+    return text.find("]", j)
+
+
 def _tokens(pattern: str) -> tuple[_Token, ...]:
-    text = pattern.translate(
-        str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-    )
+    text = pattern.translate(_FOLD)
     found: list[_Token] = []
     i = 0
     while i < len(text):
@@ -52,10 +64,7 @@ def _tokens(pattern: str) -> tuple[_Token, ...]:
                 found.append("*")
         elif char == "?":
             found.append((True, frozenset()))
-        elif (
-            char == "["
-            and (end := text.find("]", i + 2 if text[i + 1 : i + 2] == "!" else i + 1)) > 0
-        ):
+        elif char == "[" and (end := _class_end(text, i)) > 0:
             body = text[i + 1 : end]
             negated = body.startswith("!")
             found.append((negated, _class_chars(body[1:] if negated else body)))

@@ -118,4 +118,12 @@ def reopen_log_files() -> None:
     """SIGUSR1: open `logging.file` again at its path (logrotate's postrotate step)."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, ReopenableFileHandler):
-            handler.reopen()
+            try:
+                handler.reopen()
+            except OSError as exc:  # e.g. the folder is gone: keep writing where we were
+                logging.getLogger("relay.logs").error(
+                    "cannot reopen the log file %s: %s; still writing to the old one",
+                    handler.baseFilename,
+                    exc.strerror,
+                    extra={"event": "log_reopen_failed"},
+                )
