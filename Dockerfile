@@ -30,9 +30,12 @@ RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
 # --- final image -----------------------------------------------------------------------------
 FROM python:3.11-slim
 
+# No org.opencontainers.image.source: the project has no public repository URL to name, and a
+# made-up one would send people (and scanners that follow it) to someone else's repository.
+# Whoever publishes the image adds it at build time:
+#   docker build --label org.opencontainers.image.source=https://git.example.com/smtp-graph-relay .
 LABEL org.opencontainers.image.title="smtp-graph-relay" \
       org.opencontainers.image.description="Plain SMTP in, Microsoft Graph sendMail out: a relay for printers, scanners and legacy software." \
-      org.opencontainers.image.source="https://github.com/OWNER/smtp-graph-relay" \
       org.opencontainers.image.licenses="MIT"
 
 # A fixed UID/GID so volume and secret file ownership can be set on the host

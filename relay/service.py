@@ -29,7 +29,7 @@ from relay.delivery.workers import RESCAN_SECONDS
 from relay.graph.client import GraphClient
 from relay.graph.tokens import TokenProvider
 from relay.ops.admin import AdminServer, HealthSources
-from relay.ops.logs import setup_logging
+from relay.ops.logs import reopen_log_files, setup_logging
 from relay.ops.metrics import NULL_METRICS, MetricsSink, RelayMetrics
 from relay.ops.startup import binding, spool_opening
 from relay.ops.systemd import SystemdNotifier, run_watchdog
@@ -321,6 +321,7 @@ async def serve_until_stopped(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
+    loop.add_signal_handler(signal.SIGUSR1, reopen_log_files)  # logrotate: logging.file
     try:
         try:
             admin_target = Listening(
@@ -363,7 +364,7 @@ async def serve_until_stopped(
         if watchdog is not None:
             await watchdog
         await admin.stop()  # last: /healthz answers 503 while the relay drains
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
 
 
@@ -383,7 +384,10 @@ async def _reload(service: RelayService, config_path: Path) -> str:
         )
         return "reload rejected (see the log); the previous configuration stays in force"
     notes = service.reload(new)
-    setup_logging(new.logging.level, new.logging.format)
+    try:
+        setup_logging(new.logging.level, new.logging.format, file=new.logging.file)
+    except OSError as exc:  # the old handler stays: nothing is lost
+        log.error("logging.file %s: %s; logging stays as it was", new.logging.file, exc.strerror)
     log.info(
         "configuration reloaded%s",
         "; " + "; ".join(notes) if notes else "",

@@ -45,6 +45,13 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
+# The bare command is a usage error (exit 2, as DESIGN §4 says of usage), but it points at the
+# two commands a newcomer wants rather than printing the whole usage.
+NO_COMMAND = """smtp-graph-relay: no command given.
+  Try the relay without a tenant:  smtp-graph-relay sandbox
+  All commands and options:        smtp-graph-relay --help
+"""
+
 
 def entry_point() -> None:
     """Console-script entry point."""
@@ -54,13 +61,16 @@ def entry_point() -> None:
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
     """Run one subcommand and return its exit code."""
     stdout = out or sys.stdout
-    parser = _parser()
+    parser, subparsers = _parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # `serve -c x --verbose`: the subcommand's own usage, not the top level's
+            where = subparsers.get(args.command or "", parser)
+            where.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     if args.command is None:
-        parser.print_usage(sys.stderr)
+        sys.stderr.write(NO_COMMAND)
         return EXIT_USAGE
     if args.command == "sandbox":
         from relay.cli.sandbox import run_sandbox_command
@@ -78,7 +88,23 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     if args.command == "check-config":
         print_routing_table(config, args.config, stdout)
         return EXIT_OK
-    setup_logging(config.logging.level, config.logging.format)
+    if args.command in ("test-auth", "test-mail"):
+        # Each result is one printed line; log records would only repeat it on stderr (at
+        # `logging.level: debug` the administrator asked for them, so they are shown).
+        quiet = config.logging.level != "debug"
+        setup_logging("critical" if quiet else "debug", config.logging.format)
+    else:
+        try:
+            logfile = config.logging.file if args.command == "serve" else None
+            setup_logging(config.logging.level, config.logging.format, file=logfile)
+        except OSError as exc:
+            print(
+                f"cannot start: logging.file {config.logging.file}: {exc.strerror}; create its "
+                f"folder and let user {current_user()} write there, or remove logging.file "
+                "to log to standard error (journald)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
     if args.command == "serve":
         return asyncio.run(serve_until_stopped(args.config, config))
     if args.command == "test-auth":
@@ -92,13 +118,14 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     return EXIT_USAGE  # pragma: no cover - argparse restricts the choices
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="smtp-graph-relay",
         description="Accept plain SMTP and deliver it through Microsoft Graph sendMail.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers: dict[str, argparse.ArgumentParser] = commands.choices
 
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -141,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
         help="read the password, one line, from standard input (no prompt); "
         "implied when standard input is not a terminal",
     )
-    return parser
+    return parser, subparsers
 
 
 # --- check-config --------------------------------------------------------------------------
@@ -310,9 +337,7 @@ async def test_mail(config: Config, sender: str, recipient: str, out: TextIO) ->
     try:
         result = await service.graph.send_mime(target, prepared.mime)
     except DeliveryError as failure:
-        out.write(f"FAIL  {failure.describe()}\n")
-        if failure.remedy:
-            out.write(f"      fix: {failure.remedy}\n")
+        out.write(f"FAIL  {_failure_line(failure)}\n")
         return EXIT_FAILURE
     finally:
         await service.graph.close()
@@ -322,3 +347,19 @@ async def test_mail(config: Config, sender: str, recipient: str, out: TextIO) ->
         f"(HTTP {result.status}, request-id {result.request_id})\n"
     )
     return EXIT_OK
+
+
+def _failure_line(failure: DeliveryError) -> str:
+    """What Graph (or Entra) said, in words: status and code, message, request-id, the fix."""
+    answer = " ".join(
+        part
+        for part in (
+            f"HTTP {failure.http_status}" if failure.http_status is not None else "",
+            failure.code or "",
+        )
+        if part
+    )
+    text = f"{answer}: {failure.message}" if answer else str(failure.message)
+    if failure.request_id:
+        text += f" (request-id {failure.request_id})"
+    return text + (f"; fix: {failure.remedy}" if failure.remedy else "")

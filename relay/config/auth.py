@@ -105,6 +105,26 @@ class AuthObjectConfig(StrictModel):
     @field_validator("tenant_id")
     @classmethod
     def _tenant(cls, value: str) -> str:
+        # Entra takes the tenant's GUID or one of its verified domain names in the authority
+        # (login.microsoftonline.com/{tenant}); the client-credentials flow needs one tenant,
+        # so the multi-tenant aliases are refused (AADSTS9001023 for common and consumers).
+        if value != value.strip():
+            raise ValueError(
+                f"{value!r} has spaces around it; remove them (the id is the GUID alone)"
+            )
+        if value.lower() in ("common", "organizations", "consumers"):
+            raise ValueError(
+                f"{value!r} names no tenant, and an app-only token (client credentials) must "
+                "come from one tenant; put the Directory (tenant) ID GUID from the app "
+                "registration's Overview page"
+            )
+        if value.lower().startswith(("https://", "http://")):
+            raise ValueError(
+                "is a URL; put only the tenant id, the GUID (or domain) after the host, such "
+                "as 11111111-2222-3333-4444-555555555555 from https://login.microsoftonline.com/"
+                "11111111-2222-3333-4444-555555555555/v2.0 (the relay builds the URL itself; "
+                "choose the host with cloud:)"
+            )
         if not (GUID_RE.match(value) or DOMAIN_RE.match(value)):
             raise ValueError(
                 "must be the Directory (tenant) ID GUID from the app registration's Overview "

@@ -86,13 +86,7 @@ def parse_config(
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(
-            [ConfigProblem(where, f"YAML syntax: {problem}", "fix the indentation or quoting")],
-            source,
-        ) from None
+        raise ConfigError([_yaml_problem(exc, text)], source) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -113,6 +107,28 @@ def parse_config(
     if problems:
         raise ConfigError(problems, source)
     return config
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> ConfigProblem:
+    """The YAML mistake at its line and column, with the line quoted and a caret under the
+    column; a tab gets its own message (YAML 1.1 §5.5: tabs never indent)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return ConfigProblem("", f"YAML syntax: {problem}", "fix the indentation or quoting")
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    column = min(mark.column, len(line))
+    where = f"line {mark.line + 1}, column {column + 1}"
+    if "\t" in line[: column + 1] or "'\\t'" in problem:
+        problem, fix = "YAML does not allow tabs; indent with spaces", ""
+    else:
+        problem, fix = f"YAML syntax: {problem}", "fix the indentation or quoting"
+    number = str(mark.line + 1)
+    # A tab is shown as one visible character, so the caret stays under the column.
+    shown = line.replace("\t", "\u2192")
+    quote = f"\n      {number} | {shown}\n      {' ' * len(number)} | {' ' * column}^"
+    return ConfigProblem(where, problem + (f" ({fix})" if fix else "") + quote)
 
 
 def parse_auth_object(
@@ -163,8 +179,11 @@ def _read_files(
     delivery = config.delivery.model_copy(
         update={"spool_dir": absolute(config.delivery.spool_dir, base_dir)}
     )
+    logs = config.logging
+    if logs.file is not None:
+        logs = logs.model_copy(update={"file": absolute(logs.file, base_dir)})
     resolved = config.model_copy(
-        update={"auth_objects": auth_objects, "smtp": smtp, "delivery": delivery}
+        update={"auth_objects": auth_objects, "smtp": smtp, "delivery": delivery, "logging": logs}
     )
     return resolved, problems
 

@@ -96,6 +96,8 @@ class AdminConfig(StrictModel):
 class LoggingConfig(StrictModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
+    # None: standard error (journald, docker logs). A path: appended to, reopened on SIGUSR1.
+    file: Path | None = None
 
 
 class Config(StrictModel):

@@ -1,4 +1,5 @@
-"""What `check-config` can check on this machine without a network: ports, spool, secret files.
+"""What `check-config` can check on this machine without a network: ports, spool, secret files,
+the log file.
 
 Why this module exists: a configuration can be valid and still fail at `serve` because port 25
 needs a capability, the admin port is taken or the spool directory belongs to another user. The
@@ -39,7 +40,32 @@ def preflight(config: Config, *, base_dir: Path) -> list[str]:
         if spool is not None:
             found.append(spool)
     found.extend(_exposed_secret_files(config, base_dir))
+    if config.logging.file is not None:
+        log_file = _log_file(config.logging.file)
+        if log_file is not None:
+            found.append(log_file)
     return found
+
+
+def _log_file(path: Path) -> str | None:
+    """Can `serve` append to logging.file (or create it)? Opens nothing that exists for writing
+    and leaves nothing behind: an existing file is checked with access(), a missing one by
+    creating and removing a temporary file beside it."""
+    try:
+        if path.exists():
+            if path.is_dir() or not os.access(path, os.W_OK):
+                raise PermissionError(errno.EACCES, "not a writable file", str(path))
+        else:
+            handle, name = tempfile.mkstemp(dir=path.parent, prefix=".check-config-")
+            os.close(handle)
+            os.unlink(name)
+    except OSError as exc:
+        return (
+            f"logging.file {path}: {exc.strerror}; serve would not start. Create the folder "
+            f"and let user {current_user()} write there (systemd: LogsDirectory=), or remove "
+            "logging.file to log to standard error"
+        )
+    return None
 
 
 def _exposed_secret_files(config: Config, base_dir: Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""check-config tries on this machine what would stop `serve`: ports and the spool (no network).
+"""check-config tries on this machine what would stop `serve`: ports, the spool and the log file
+(no network).
 
 Real sockets and real files: a port another program holds, a file where the spool should be.
 The words are serve's own (relay.core.start_problems); check-config still exits 0, counts each
@@ -26,6 +27,7 @@ def check(
     admin_port: int = 0,
     spool: str = "spool",
     secret_mode: int = 0o600,
+    extra: str = "",
 ) -> str:
     (tmp_path / "secret.txt").write_text(SECRET + "\n")
     (tmp_path / "secret.txt").chmod(secret_mode)
@@ -44,7 +46,7 @@ auth_objects:
     client_secret_file: secret.txt
 routes:
   - {{senders: ["*@contoso.com"], auth_object: contoso}}
-"""
+{extra}"""
     )
     out = io.StringIO()
     assert main(["check-config", "-c", str(path)], out=out) == 0
@@ -115,3 +117,21 @@ def test_a_secret_id_pasted_as_the_secret_is_a_warning(tmp_path: Path) -> None:
     assert "copy the secret's Value instead" in output
     assert secret_id not in output
     assert output.rstrip().endswith("check-config: valid, 1 warning")
+
+
+def test_a_log_file_in_a_missing_folder_is_reported(tmp_path: Path) -> None:
+    """logging.file where serve could not open it: named with both fixes, nothing left behind."""
+    output = check(tmp_path, extra="logging: {file: logs/relay.log}")
+    assert (
+        f"logging.file {tmp_path / 'logs' / 'relay.log'}: No such file or directory; serve "
+        "would not start. Create the folder"
+    ) in output
+    assert "(systemd: LogsDirectory=)" in output
+    assert output.rstrip().endswith("check-config: valid, 1 warning")
+
+
+def test_a_log_file_serve_can_create_adds_no_warning(tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    output = check(tmp_path, extra="logging: {file: logs/relay.log}")
+    assert output.rstrip().endswith("check-config: valid, no warnings")
+    assert list((tmp_path / "logs").iterdir()) == []

@@ -336,13 +336,16 @@ def test_entrypoint_serves_the_mounted_config(final: Stage) -> None:
 
 
 def test_oci_labels(final: Stage) -> None:
-    """OCI labels name the image, describe it, point at the source and carry the licence."""
+    """OCI labels name the image, describe it and carry the licence. No label holds a
+    placeholder URL: the source label is left to whoever publishes the image (issue 13)."""
     labels: dict[str, str] = {}
     for instruction in final.all("LABEL"):
         labels.update(instruction.pairs())
     prefix = "org.opencontainers.image."
-    for key in ("title", "description", "source", "licenses"):
+    for key in ("title", "description", "licenses"):
         assert labels.get(prefix + key), f"missing label {prefix}{key}"
+    assert prefix + "source" not in labels
+    assert not any("OWNER" in value or "example" in value for value in labels.values())
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     assert labels[prefix + "title"] == pyproject["project"]["name"]
     assert labels[prefix + "licenses"] == pyproject["project"]["license"] == "MIT"
