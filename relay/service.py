@@ -140,6 +140,7 @@ class RelayService:
             tokens=lambda: self.tokens.status(),
             spool=self.spool,
             queue=self.store.stats if self.store is not None else None,
+            mailboxes=self.delivery.mailbox_report,
             degraded=self.delivery.degraded_reasons,
         )
 
@@ -264,6 +265,8 @@ class RelayService:
         self.limiter.per_client = new.smtp.max_connections_per_client
         self.data_memory.limit = int(new.smtp.max_data_memory)
         self._config = new.model_copy(update=keep) if keep else new
+        # New budgets, routes or retry timing may let waiting mail go now.
+        self.delivery.wake()
         return notes
 
     def _protocol_factory(

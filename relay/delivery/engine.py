@@ -45,9 +45,11 @@ from relay.delivery.attempt import (
     sent_as,
 )
 from relay.delivery.bounces import Bouncer
+from relay.delivery.mailboxes import mailbox_rows
 from relay.delivery.outcomes import RECORD_RETRY_FIRST, RECORD_RETRY_MAX, OutcomeRecorder
 from relay.delivery.pacing import no_budget_reply
 from relay.delivery.workers import RESCAN_SECONDS, QueueWorkers
+from relay.ops.mailbox_gauges import MailboxRow
 from relay.ops.metrics import NULL_METRICS, MetricsSink
 from relay.store.protocol import Store, StoreUnavailableError
 
@@ -154,6 +156,17 @@ class DeliveryEngine:
     def degraded_reasons(self) -> list[str]:
         """What /healthz reports and /readyz turns 503 for; empty when all is well."""
         return self.outcomes.degraded_reasons() if self.outcomes is not None else []
+
+    async def mailbox_report(self, now: float) -> list[MailboxRow]:
+        """Each sending mailbox's budget, line and drain estimate (/metrics, status page)."""
+        slots = self.attempts.slots
+        return await mailbox_rows(
+            self.attempts.budgets,
+            self.store,
+            now,
+            paused_for=slots.paused_for,
+            in_flight=slots.users,
+        )
 
     def wake(self) -> None:
         if self.workers is not None:

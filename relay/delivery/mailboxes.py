@@ -67,4 +67,3 @@ async def mailbox_rows(
             )
         )
     return rows
-

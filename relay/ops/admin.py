@@ -171,7 +171,9 @@ class AdminServer:
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
         now = self._clock()
-        body = self._metrics.render(await self._checks.queue(now), now=now)
+        body = self._metrics.render(
+            await self._checks.queue(now), now=now, mailboxes=await self._checks.mailboxes(now)
+        )
         return web.Response(
             body=body, headers={**_HEADERS, "Content-Type": RelayMetrics.CONTENT_TYPE}
         )
@@ -188,6 +190,7 @@ class AdminServer:
                 bound=sources.bound(),
                 tokens=sources.tokens(),
                 queue=await self._checks.queue(now),
+                mailboxes=await self._checks.mailboxes(now),
                 errors=self._metrics.recent_errors(),
                 problems=await self._checks.readiness_problems(),
             )

@@ -32,6 +32,7 @@ from typing import Protocol
 
 from relay.config.schema import Config, ListenerConfig
 from relay.graph.tokens import TokenStatus
+from relay.ops.mailbox_gauges import MailboxRow
 from relay.ops.queue_gauges import QueueReading
 from relay.store.protocol import StoreError, StoreStats
 
@@ -40,6 +41,7 @@ __all__ = [
     "BoundListenerView",
     "HealthChecks",
     "HealthSources",
+    "MailboxReport",
     "QueueStats",
     "SpoolProbe",
     "listener_problems",
@@ -55,6 +57,8 @@ CHECK_TIMEOUT = 2.0
 
 # `Store.stats`: the counts per state, cheap (kept incrementally by the store).
 QueueStats = Callable[[float], Awaitable[StoreStats]]
+# Each sending mailbox's budget and line at `now` (relay.delivery.mailboxes.mailbox_rows).
+MailboxReport = Callable[[float], Awaitable[Sequence[MailboxRow]]]
 
 
 class BoundListenerView(Protocol):
@@ -98,6 +102,7 @@ class HealthSources:
     tokens: Callable[[], Mapping[str, TokenStatus]]
     spool: SpoolProbe | None = None
     queue: QueueStats | None = None
+    mailboxes: MailboxReport | None = None
     degraded: Callable[[], Sequence[str]] = _nothing_degraded
 
 
@@ -183,6 +188,21 @@ class HealthChecks:
             problem = f"cannot read the queue: {exc}"
         log.warning("%s", problem, extra={"event": "metrics_error"})
         return QueueReading(None, problem)
+
+    async def mailboxes(self, now: float) -> Sequence[MailboxRow]:
+        """Each sending mailbox's budget; empty when it cannot be read in time (logged)."""
+        report = self.sources.mailboxes
+        if report is None:
+            return ()
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await report(now)
+        except TimeoutError:
+            problem = f"the mailbox budgets did not answer within {self._timeout:g}s"
+        except (StoreError, OSError) as exc:
+            problem = f"cannot read the mailbox budgets: {exc}"
+        log.warning("%s", problem, extra={"event": "metrics_error"})
+        return ()
 
     async def _probe(self, spool: SpoolProbe) -> list[str]:
         try:

@@ -19,6 +19,7 @@ from relay import __version__
 from relay.config.schema import Config, ListenerConfig
 from relay.graph.tokens import TokenStatus
 from relay.ops.health import BoundListenerView
+from relay.ops.mailbox_gauges import MailboxRow
 from relay.ops.metrics import ErrorReport
 from relay.ops.queue_gauges import QueueReading
 
@@ -36,6 +37,7 @@ class StatusView:
     bound: Sequence[BoundListenerView]
     tokens: Mapping[str, TokenStatus]
     queue: QueueReading | None  # None: direct mode
+    mailboxes: Sequence[MailboxRow]
     errors: Sequence[ErrorReport]
     problems: Sequence[str]
 
@@ -79,6 +81,8 @@ def render_status(view: StatusView) -> str:
         ),
         "<h2>Queue</h2>",
         _queue_section(view),
+        "<h2>Sending mailboxes</h2>",
+        _mailboxes_table(view.mailboxes),
         "<h2>Tokens</h2>",
         _tokens_table(view),
         f"<h2>Last delivery errors ({len(view.errors)})</h2>",
@@ -130,6 +134,33 @@ def _queue_section(view: StatusView) -> str:
             ]
         ],
     )
+
+
+_BUDGETS = (
+    ("messages_per_minute", "Messages / min"),
+    ("recipients_per_day", "Recipients / day"),
+    ("requests_per_10_minutes", "Requests / 10 min"),
+    ("upload_per_5_minutes", "Upload / 5 min"),
+    ("concurrent_requests", "In flight"),
+)
+
+
+def _mailboxes_table(rows: Sequence[MailboxRow]) -> str:
+    """A row per mailbox: each budget used / limit, its line and when it drains (issue #12)."""
+    if not rows:
+        return "<p>No mailbox has sent or queued mail lately.</p>"
+    head = ["Mailbox", *(title for _, title in _BUDGETS), "Waiting", "Drains in", "Paused"]
+    body = [
+        [
+            row.mailbox,
+            *(f"{row.used.get(name, 0)} / {row.limits.get(name, 0)}" for name, _ in _BUDGETS),
+            str(row.waiting),
+            _duration(row.drain_eta) if row.waiting else "-",
+            _duration(row.paused_for) if row.paused_for > 0 else "-",
+        ]
+        for row in rows
+    ]
+    return _table(head, body)
 
 
 def _tokens_table(view: StatusView) -> str:
