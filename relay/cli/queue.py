@@ -18,6 +18,8 @@ from typing import TextIO
 
 from relay.config.schema import Config
 from relay.core.values import EntryMeta, State
+from relay.delivery.budget import MailboxBudgets
+from relay.delivery.mailboxes import mailbox_rows
 from relay.store.files import FileStore
 from relay.store.protocol import Store
 
@@ -42,14 +44,19 @@ async def _run(config: Config, action: str, queue_id: str | None, dead: bool, ou
     store = FileStore(config.delivery.spool_dir, reserve_bytes=0, threads=2)
     await store.open_for_operator()
     try:
-        return await _command(store, action, queue_id, dead, out)
+        return await _command(config, store, action, queue_id, dead, out)
     finally:
         await store.close()
 
 
-async def _command(store: Store, action: str, queue_id: str | None, dead: bool, out: TextIO) -> int:
+async def _command(
+    config: Config, store: Store, action: str, queue_id: str | None, dead: bool, out: TextIO
+) -> int:
     if action == "list":
-        return await _list(store, dead, out)
+        code = await _list(store, dead, out)
+        if not dead:
+            await _mailboxes(config, store, out)
+        return code
     if action == "purge":
         if not dead:
             out.write("purge needs --dead (only dead letters can be purged)\n")
@@ -110,6 +117,23 @@ async def _list(store: Store, dead: bool, out: TextIO) -> int:
         if reason:
             out.write(f"{'':<18}{reason}\n")
     return EXIT_OK
+
+
+async def _mailboxes(config: Config, store: Store, out: TextIO) -> None:
+    """Per sending mailbox: each budget used / limit (from the store's send ledger: what the
+    running relay sent), the messages waiting and when its line is expected to drain."""
+    budgets = MailboxBudgets(config=lambda: config, store=store)
+    await budgets.load()
+    now = time.time()
+    rows = await mailbox_rows(budgets, store, now)
+    if not rows:
+        return
+    out.write(f"\n{'MAILBOX':<34}{'MSG/MIN':>10}{'RCPTS/DAY':>14}{'WAITING':>9}  DRAINS IN\n")
+    for row in rows:
+        messages = f"{row.used['messages_per_minute']}/{row.limits['messages_per_minute']}"
+        recipients = f"{row.used['recipients_per_day']}/{row.limits['recipients_per_day']}"
+        drains = _age(row.drain_eta) if row.waiting else "-"
+        out.write(f"{row.mailbox:<34}{messages:>10}{recipients:>14}{row.waiting:>9}  {drains}\n")
 
 
 def _show(state: str, meta: EntryMeta, out: TextIO) -> None:

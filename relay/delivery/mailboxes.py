@@ -19,7 +19,7 @@ from relay.core.budgets import WINDOWS, drain_eta
 from relay.core.values import pool_members
 from relay.delivery.budget import MailboxBudgets
 from relay.ops.mailbox_gauges import MailboxRow
-from relay.store.protocol import MailboxKey, Store
+from relay.store.protocol import MailboxKey, Store, mailbox_key
 
 __all__ = ["mailbox_rows"]
 
@@ -37,7 +37,7 @@ async def mailbox_rows(
     waiting = dict(await store.waiting()) if store is not None else {}
     names: dict[MailboxKey, tuple[str, str]] = {}
     for spent in budgets.spent():
-        names[(spent.auth_object, spent.mailbox.lower())] = (spent.auth_object, spent.mailbox)
+        names[mailbox_key(spent.auth_object, spent.mailbox)] = (spent.auth_object, spent.mailbox)
     for key in waiting:
         names.setdefault(key, key)
     rows: list[MailboxRow] = []
