@@ -85,6 +85,7 @@ class QueueWorkers:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._budget_wake: float | None = None  # seconds until a spent budget frees
+        self.fills = 0  # looks at the queue so far (tests wait for the next one)
         # When each mailbox was held back by our own pacing (credited against the lifetime).
         self._held: HeldBack[MailboxKey] = HeldBack(horizon=initial.delivery.retry.lifetime)
 
@@ -173,6 +174,7 @@ class QueueWorkers:
             if started >= capacity or not newly or not found:
                 break
         self._held.observe(blocked, now)
+        self.fills += 1
         if started >= capacity:
             return 0.0
         return await self._idle_wait(now)
