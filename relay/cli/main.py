@@ -300,12 +300,14 @@ async def test_auth(config: Config, only: str | None, out: TextIO) -> int:
 
 
 async def test_mail(config: Config, sender: str, recipient: str, out: TextIO) -> int:
-    """Send one test message through the route the sender maps to."""
+    """Send one test message through the route the sender maps to (a pool's first member)."""
     try:
         route = choose_route(config.routes, sender)
     except PolicyError as exc:
         out.write(f"FAIL  {exc.reply.text}\n")
         return EXIT_FAILURE
+    if route.pool:
+        route = route.member(route.pool[0])
     now = datetime.now(UTC)
     host = socket.gethostname()
     message = EmailMessage()

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from relay.config.schema import Config
 from relay.core.lifecycle import Bounce
 from relay.core.message.prepare import BounceRequest, FailedRecipient, build_dsn, is_bounce
-from relay.core.values import EntryMeta
+from relay.core.values import EntryMeta, pool_members
 from relay.store.queue_ids import new_queue_id
 
 __all__ = ["Bouncer", "PendingBounce"]
@@ -68,7 +68,8 @@ class Bouncer:
                 queue_id=failed.queue_id,
                 arrival=datetime.fromtimestamp(failed.created, UTC),
                 now=datetime.fromtimestamp(now, UTC),
-                from_address=failed.mailbox,
+                # a pool's DSN comes from its first member (the members send as each other)
+                from_address=(pool_members(failed.mailbox) or (failed.mailbox,))[0],
                 message_id_local=queue_id,
                 reason_text=bounce.explanation,
             )
