@@ -17,11 +17,6 @@ queue worker), the same rules apply and the same log events come out:
   (draft + upload sessions, `relay.large`) with `delivery.large_messages: upload`, and is refused
   with 552 5.3.4 before sending with `reject`.
 
-The route is not stored with the message: `resolve_route` finds it again from the entry's
-routing sender against the *current* configuration at each attempt (as Postfix resolves the
-transport at delivery time), so an administrator who fixes or replaces a route sees queued mail
-take the fix (#10 item 3).
-
 `send` returns the outcome as a value (`Delivered` or the `DeliveryError`) instead of raising, so
 callers handle the three cases in one place.
 """
@@ -32,7 +27,6 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
 from typing import Any, Protocol
 
 from relay.config.schema import Config
@@ -40,11 +34,10 @@ from relay.core.budgets import Need
 from relay.core.errors import (
     DeliveryError,
     PermanentDeliveryError,
-    PolicyError,
     SmtpReply,
     TransientDeliveryError,
 )
-from relay.core.lifecycle import NoRoute, Postponed
+from relay.core.lifecycle import Postponed
 from relay.core.limits import (
     GRAPH_MAX_REQUEST_BYTES,
     MAX_LARGE_MESSAGE,
@@ -52,7 +45,6 @@ from relay.core.limits import (
     single_request_limit,
 )
 from relay.core.message.prepare import CannotConvertError, GraphJsonTooLargeError, to_graph_message
-from relay.core.policy import choose_route
 from relay.core.values import Delivered, EntryMeta, Outcome, Route, SendTarget, pool_members
 from relay.delivery.budget import MailboxBudgets
 from relay.delivery.pacing import (
@@ -73,10 +65,7 @@ __all__ = [
     "SendResult",
     "error_report",
     "message_fields",
-    "resolve_route",
-    "routed",
     "send_target",
-    "sent_as",
     "size_limit",
 ]
 
@@ -113,28 +102,6 @@ class GraphSender(Protocol):
 
 
 _Send = Callable[[SendTarget], Awaitable[SendResult]]
-
-
-def resolve_route(config: Config, entry: EntryMeta) -> Route | NoRoute:
-    """The route `entry` goes out through now: found again by its routing sender (MAIL FROM,
-    or the header From for `<>`) in the current configuration, never by position or name."""
-    sender = entry.sender or entry.mail_from
-    try:
-        return choose_route(config.routes, sender)
-    except PolicyError:
-        return NoRoute(sender)
-
-
-def routed(entry: EntryMeta, route: Route) -> EntryMeta:
-    """`entry` as it goes out through `route` (what its log events and the store show)."""
-    return replace(entry, route=route.name, auth_object=route.auth_object, mailbox=route.mailbox)
-
-
-def sent_as(entry: EntryMeta, delivered: Delivered) -> EntryMeta:
-    """`entry` as its log events show it once delivered: the pool member that sent it."""
-    if delivered.sent_as and delivered.sent_as != entry.mailbox:
-        return replace(entry, mailbox=delivered.sent_as)
-    return entry
 
 
 def message_fields(meta: EntryMeta) -> dict[str, object]:
@@ -232,6 +199,11 @@ class GraphAttempts:
             if isinstance(member, Postponed):
                 return member
             route = route.member(member)
+            if route.needs_json:  # the JSON form names the sending mailbox (rewrite_from)
+                chosen = self._choose(config, meta, mime, route)
+                if isinstance(chosen, DeliveryError):
+                    return chosen
+                request, need = chosen
         too_big = self.budgets.never_fits(route.auth_object, route.mailbox, need)
         if too_big is not None:
             return over_budget(route, too_big, need, self.budgets)

@@ -42,12 +42,12 @@ from relay.delivery.attempt import (
     GraphSender,
     error_report,
     message_fields,
-    sent_as,
 )
 from relay.delivery.bounces import Bouncer
 from relay.delivery.mailboxes import mailbox_rows
 from relay.delivery.outcomes import RECORD_RETRY_FIRST, RECORD_RETRY_MAX, OutcomeRecorder
 from relay.delivery.pacing import no_budget_reply
+from relay.delivery.routing import sent_as
 from relay.delivery.workers import RESCAN_SECONDS, QueueWorkers
 from relay.ops.mailbox_gauges import MailboxRow
 from relay.ops.metrics import NULL_METRICS, MetricsSink

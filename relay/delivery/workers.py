@@ -31,9 +31,10 @@ from relay.core.lifecycle import Crashed, NoRoute, Result, SettlePolicy, settle
 from relay.core.lifecycle import claimed as claimed_at
 from relay.core.values import Delivered, EntryMeta, pool_key, pool_members
 from relay.core.waiting import HeldBack
-from relay.delivery.attempt import GraphAttempts, message_fields, resolve_route, routed, sent_as
+from relay.delivery.attempt import GraphAttempts, message_fields
 from relay.delivery.outcomes import OutcomeRecorder
 from relay.delivery.pacing import need_of
+from relay.delivery.routing import resolve_route, routed, sent_as
 from relay.store.protocol import (
     EntryNotFoundError,
     MailboxKey,
