@@ -271,3 +271,28 @@ async def _one_fill(parts: Parts) -> None:
     assert workers is not None
     seen = workers.fills
     await eventually(lambda: workers.fills > seen)
+
+
+async def test_a_pool_with_rewrite_from_sends_from_the_member_that_sends(tmp_path: Path) -> None:
+    routes = (
+        '- {senders: ["*@contoso.com"], auth_object: contoso, rewrite_from: true, '
+        "mailbox: [noreply1@contoso.com, noreply2@contoso.com]}\n"
+    )
+    config = make_config(
+        tmp_path, delivery=delivery(limits="messages_per_minute: 1"), routes=routes
+    )
+    parts = await started(Parts(config))
+    try:
+        await submit_all(parts, 2)
+        await eventually(lambda: len(parts.graph.accepted) == 2)
+        for call in parts.graph.accepted:
+            assert call.kind == "json"
+            assert call.message_json is not None
+            sender = call.message_json["from"]["emailAddress"]["address"]
+            assert sender == call.target.mailbox
+        assert {c.target.mailbox for c in parts.graph.accepted} == {
+            "noreply1@contoso.com",
+            "noreply2@contoso.com",
+        }
+    finally:
+        await parts.engine.stop(grace=1.0)
