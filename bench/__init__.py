@@ -45,9 +45,12 @@ async def sandbox_world(state_dir: Path) -> AsyncIterator[Sandbox]:
         yield sandbox
 
 
-def relay_config_text(sandbox: Sandbox, *, port: int, delivery: str, secret_file: Path) -> str:
+def relay_config_text(
+    sandbox: Sandbox, *, port: int, delivery: str, secret_file: Path, mailbox: str = "sender"
+) -> str:
     """A relay config: one plain listener on 127.0.0.1:`port` (0 = any free port), clients from
-    127.0.0.1 sending as *@contoso.com, each sender's own mailbox through the sandbox."""
+    127.0.0.1 sending as *@contoso.com, each sender's own mailbox (or `mailbox`: a fixed one or
+    a pool `[a, b]`) through the sandbox."""
     return f"""\
 smtp:
   hostname: relay.bench
@@ -67,7 +70,7 @@ auth_objects:
 routes:
   - senders: ["*@contoso.com"]
     auth_object: contoso
-    mailbox: sender
+    mailbox: {mailbox}
 delivery: {delivery}
 """
 
