@@ -37,7 +37,12 @@ from relay.sandbox import Sandbox, SandboxLimits
 
 __all__ = ["Run", "main", "run_burst"]
 
-POOL = ("noreply1@contoso.com", "noreply2@contoso.com", "noreply3@contoso.com", "noreply4@contoso.com")
+POOL = (
+    "noreply1@contoso.com",
+    "noreply2@contoso.com",
+    "noreply3@contoso.com",
+    "noreply4@contoso.com",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +117,7 @@ async def run_burst(
         report = await load.run(count=messages)
         target = before + len(report.accepted)
         bound = (math.ceil(messages / (per_minute * members)) - 1) * 60.0 if paced else 0.0
-        await sandbox.wait_until(
-            lambda: len(sandbox.received) >= target, timeout=bound * 1.5 + 120
-        )
+        await sandbox.wait_until(lambda: len(sandbox.received) >= target, timeout=bound * 1.5 + 120)
     finally:
         await relay.terminate()
         await relay.aclose()

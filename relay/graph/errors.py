@@ -78,7 +78,17 @@ MAILBOX_LIMIT_CODES = frozenset(
         "ErrorTooManyObjectsOpened",
     }
 )
-_LIMIT_TEXTS = ("QuotaExceeded", "MailboxConcurrency", "5.2.0", "5.1.90", "sending limit")
+# In this order of preference; status codes only as whole tokens ("15.2.0" is a version).
+_LIMIT_TEXTS = tuple(
+    re.compile(p)
+    for p in (
+        "QuotaExceeded",
+        "MailboxConcurrency",
+        r"(?<![\w.])5\.2\.0(?![\w.])",
+        r"(?<![\w.])5\.1\.90(?![\w.])",
+        "sending limit",
+    )
+)
 # 4xx answers that come from the path (a proxy) or a momentary state, not from the message.
 _TRANSIENT_4XX = frozenset({407, 408, 423, 425})
 
@@ -299,12 +309,15 @@ def error_from_response(
 def _mailbox_limit(status: int, codes: set[str], text: str) -> str | None:
     """Which sending limit the answer says the mailbox reached, or None. Every 429 is one
     (Graph throttles per app and mailbox); so is a known limit code at any status."""
-    for code in sorted(codes & MAILBOX_LIMIT_CODES):
-        if code == "ApplicationThrottled" and "MailboxConcurrency" in text:
-            return "MailboxConcurrency"
-        return code
-    if status in (429, 503) and any(t in text for t in _LIMIT_TEXTS):
-        return next(t for t in _LIMIT_TEXTS if t in text)
+    known = codes & MAILBOX_LIMIT_CODES
+    if "MailboxConcurrency" in known or (known and "MailboxConcurrency" in text):
+        return "MailboxConcurrency"  # however Graph nests it: a concurrency pause is short
+    if known:
+        return sorted(known)[0]
+    if status in (429, 503):
+        for pattern in _LIMIT_TEXTS:
+            if (found := pattern.search(text)) is not None:
+                return found.group(0)
     if status == 429:
         return next(iter(sorted(codes)), "TooManyRequests")
     return None

@@ -79,7 +79,9 @@ async def test_a_recipient_budget_holds_across_a_restart_and_a_reload_releases_i
         await sandbox.wait_until(lambda: any(m.mailbox == OPS for m in sandbox.received), 30)
         assert len([m for m in sandbox.received if m.mailbox == MAILBOX.lower()]) == 25
         sandbox.set_limits(recipients_per_day=100)
-        path.write_text(path.read_text().replace("recipients_per_day: 50", "recipients_per_day: 100"))
+        path.write_text(
+            path.read_text().replace("recipients_per_day: 50", "recipients_per_day: 100")
+        )
         assert process.stderr is not None
         process.send_signal(signal.SIGHUP)
         await wait_for_line(process.stderr, "configuration reloaded")

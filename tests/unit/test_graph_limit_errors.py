@@ -156,3 +156,32 @@ def test_the_limit_codes_are_the_documented_ones() -> None:
         "MailboxConcurrency",
         "ApplicationThrottled",
     } <= MAILBOX_LIMIT_CODES
+
+
+@pytest.mark.parametrize(
+    ("status", "text", "limit"),
+    [
+        (503, "Exchange 15.2.0 is unavailable", None),
+        (503, "554 5.2.0 STOREDRV.Submission.Exception", "5.2.0"),
+        (503, "550 5.1.90 daily limit for message recipients", "5.1.90"),
+    ],
+)
+def test_status_codes_in_texts_match_only_as_whole_tokens(
+    status: int, text: str, limit: str | None
+) -> None:
+    """A version number such as 15.2.0 is not Exchange's 5.2.0: a generic 503 must still age
+    towards expiry instead of waiting for ever as a 'limit'."""
+    error = _map(status, _body("ServiceUnavailable", text))
+    assert getattr(error, "mailbox_limit", None) == limit
+
+
+def test_mailbox_concurrency_nested_under_application_throttled_is_a_short_pause() -> None:
+    body = {
+        "error": {
+            "code": "ApplicationThrottled",
+            "message": "Throttled.",
+            "innerError": {"code": "MailboxConcurrency", "request-id": "rid"},
+        }
+    }
+    error = _map(429, json.dumps(body).encode())
+    assert getattr(error, "mailbox_limit", None) == "MailboxConcurrency"
