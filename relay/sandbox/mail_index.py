@@ -66,7 +66,7 @@ def _json_addresses(value: object) -> list[str]:
 
 def ndr_mime(ndr: Ndr) -> bytes:
     """The NDR as a message to the sending mailbox, from its domain's postmaster."""
-    message = EmailMessage(policy=default_policy.clone(linesep="\r\n"))
+    message = EmailMessage(policy=default_policy.clone(linesep="\r\n", max_line_length=998))
     domain = ndr.mailbox.rpartition("@")[2] or "localhost"
     message["From"] = f"Microsoft Outlook <postmaster@{domain}>"
     message["To"] = ndr.mailbox
