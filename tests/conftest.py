@@ -25,7 +25,7 @@ import trustme
 from relay.config.load import parse_config
 from relay.config.schema import Config
 from relay.delivery.workers import RESCAN_SECONDS
-from relay.sandbox import Sandbox
+from relay.sandbox import Sandbox, SandboxLimits
 from relay.service import RelayService
 
 TENANT = "3f1c2d4e-5a6b-4c7d-8e9f-0a1b2c3d4e5f"
@@ -58,12 +58,23 @@ def relay_tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     return TlsFiles(ca, cert_file, key_file)
 
 
+# Exchange's message, recipient, request and upload limits, raised far beyond what any test
+# sends, for the tests that are not about those limits (MailboxConcurrency stays Graph's 4).
+# Tests about the limits build their own Sandbox or call `sandbox.set_limits(...)`.
+GENEROUS_LIMITS = SandboxLimits(
+    messages_per_minute=1_000_000,
+    recipients_per_day=100_000_000,
+    requests_per_10_minutes=100_000_000,
+    upload_per_5_minutes=100_000_000_000,
+)
+
+
 @pytest.fixture
 async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
     """A started sandbox with one tenant, one app (secret) and one licensed mailbox."""
     state = tmp_path / "sandbox"
     state.mkdir()
-    async with Sandbox(state_dir=state) as sb:
+    async with Sandbox(state_dir=state, limits=GENEROUS_LIMITS) as sb:
         sb.add_tenant(TENANT)
         sb.add_app(TENANT, CLIENT_ID, secret=SECRET)
         sb.add_mailbox(MAILBOX)

@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     if args.command == "sandbox":
         from relay.cli.sandbox import run_sandbox_command
 
-        return run_sandbox_command(port=args.port, mail_dir=args.mail_dir, out=stdout)
+        return run_sandbox_command(args, out=stdout)
     if args.command == "hash-password":
         from relay.smtp.passwords import hash_password_command
 
@@ -155,6 +155,31 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         type=Path,
         default=Path("sandbox-mail"),
         help="where the messages Graph received are written (default ./sandbox-mail)",
+    )
+    sandbox.add_argument(
+        "--config-out",
+        type=Path,
+        default=Path("sandbox-config.yaml"),
+        help="where the generated config is kept (default ./sandbox-config.yaml)",
+    )
+    sandbox.add_argument("--listen", default="127.0.0.1", help="SMTP address (default 127.0.0.1)")
+    sandbox.add_argument(
+        "--allow",
+        action="append",
+        metavar="CIDR",
+        help="a network that may send (needed with a non-loopback --listen)",
+    )
+    sandbox.add_argument("--admin-port", type=int, default=9025, help="admin port (0: any)")
+    sandbox.add_argument(
+        "--limit",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a sandbox limit, e.g. messages_per_minute=10 (repeatable)",
+    )
+    sandbox.add_argument(
+        "--exchange-answer",
+        choices=["error", "ndr"],
+        help="how the messages/recipients limits answer (default error)",
     )
     hashing = commands.add_parser(
         "hash-password",

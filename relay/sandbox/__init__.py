@@ -4,8 +4,9 @@
 # test suite and by `smtp-graph-relay sandbox`. One module per concern: pki (certificates),
 # jose (JWS), directory (tenants/apps/mailboxes), access_tokens, entra (discovery + token
 # endpoint), messages (pure sendMail body checks), graph (sendMail handler), faults, recorder
-# (journal + mail folder), drafts (drafts and upload sessions for large
-# messages), backend (the state Entra and Graph share), server (the Sandbox that
+# (journal + mail folder), mail_index (its index.html), limits (the sending limits) and
+# throttle (their enforcement), control (the /_sandbox/ API), drafts (drafts and upload
+# sessions for large messages), backend (the state Entra and Graph share), server (the Sandbox that
 # composes them).
 """Local stand-in for Microsoft Entra ID and Microsoft Graph sendMail.
 
@@ -18,6 +19,7 @@ async with Sandbox(state_dir=tmp_path) as sandbox:
 
 from .faults import ABORT, FaultPlan, GraphFault, TokenOutage
 from .graph import MAILBOX_CONCURRENCY, MAX_REQUEST_BYTES
+from .limits import Ndr, SandboxLimits
 from .recorder import ReceivedMail, UploadedAttachment
 from .server import Sandbox
 
@@ -27,8 +29,10 @@ __all__ = [
     "MAX_REQUEST_BYTES",
     "FaultPlan",
     "GraphFault",
+    "Ndr",
     "ReceivedMail",
     "Sandbox",
+    "SandboxLimits",
     "TokenOutage",
     "UploadedAttachment",
 ]

@@ -1,7 +1,9 @@
 # Why this module exists: the fake Entra and the fake Graph answer from one world, as the real
 # services do: the same directory, the same token issuer, one fault plan, one journal, one clock
 # and one notion of which resources the sandbox serves. The Sandbox builds that once and hands
-# the same Backend to both services, instead of each taking (and storing) six loose arguments.
+# the same Backend to both services, instead of each taking (and storing) six loose arguments;
+# the throttle too, because Exchange's limits count a mailbox's messages whichever endpoint
+# sent them.
 """The state the sandbox's Entra and Graph services share."""
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from .access_tokens import AccessTokens
 from .directory import Directory
 from .faults import FaultPlan
 from .recorder import Journal
+from .throttle import Throttle
 
 __all__ = ["REQUEST_ID", "Backend"]
 
@@ -33,3 +36,4 @@ class Backend:
     journal: Journal
     clock: Callable[[], float]
     resources: Callable[[], frozenset[str]]
+    throttle: Throttle

@@ -23,6 +23,7 @@ from .directory import Mailbox
 from .graph import GraphService, fault_error, read_limited
 from .messages import GraphError, check_mime, decode_mime_body
 from .recorder import MailDir, ReceivedMail, UploadedAttachment
+from .throttle import App, message_id_of
 
 __all__ = ["MAX_UPLOAD_BYTES", "MIN_UPLOAD_BYTES", "UPLOAD_CHUNK_MULTIPLE", "DraftService"]
 
@@ -40,6 +41,7 @@ _SESSION_LIFETIME = datetime.timedelta(hours=1)
 @dataclass(slots=True)
 class _Draft:
     id: str
+    app: App  # the app that created it; its upload PUTs count against that app's limits
     mailbox: Mailbox
     mime: bytes
     attachments: list[tuple[UploadedAttachment, bytes]] = field(default_factory=list)
@@ -89,13 +91,13 @@ class DraftService:
         self._backend.journal.graph_requests += 1
         try:
             body = await read_limited(request)
-            self._graph.authenticate(request, "Mail.ReadWrite")
-            mailbox = self._graph.mailbox(request.match_info["user"])
+            claims, mailbox = self._graph.admit(request, "Mail.ReadWrite")
             if request.content_type != "text/plain":
                 raise GraphError(
                     415, "UnsupportedMediaType", "The sandbox creates drafts from MIME only."
                 )
-            draft = _Draft(secrets.token_urlsafe(24) + "=", mailbox, decode_mime_body(body))
+            app = (claims.tenant_id, claims.client_id)
+            draft = _Draft(secrets.token_urlsafe(24) + "=", app, mailbox, decode_mime_body(body))
         except GraphError as exc:
             return await self._graph.answer(request, self._graph.error_response(request, exc))
         self.drafts[draft.id] = draft
@@ -106,8 +108,7 @@ class DraftService:
         self._backend.journal.graph_requests += 1
         try:
             await read_limited(request)
-            self._graph.authenticate(request, "Mail.ReadWrite")
-            draft = self._draft(request)
+            draft = self._draft(request, "Mail.ReadWrite")
         except GraphError as exc:
             return await self._graph.answer(request, self._graph.error_response(request, exc))
         del self.drafts[draft.id]
@@ -118,8 +119,7 @@ class DraftService:
         self._backend.journal.graph_requests += 1
         try:
             body = await read_limited(request)
-            self._graph.authenticate(request, "Mail.ReadWrite")
-            draft = self._draft(request)
+            draft = self._draft(request, "Mail.ReadWrite")
             session = self._new_session(draft, body)
         except GraphError as exc:
             return await self._graph.answer(request, self._graph.error_response(request, exc))
@@ -137,15 +137,23 @@ class DraftService:
         self._backend.journal.graph_requests += 1
         try:
             await read_limited(request)
-            self._graph.authenticate(request, "Mail.Send")
-            draft = self._draft(request)
+            draft = self._draft(request, "Mail.Send")
             fault = self._backend.faults.take_graph_fault(draft.mailbox.address)
             if fault is not None and fault.status:
                 raise fault_error(fault)
             submission = check_mime(draft.mime, draft.mailbox)
+            refused = self._backend.throttle.admit_message(
+                draft.mailbox.address, len(submission.recipients)
+            )
         except GraphError as exc:
             return await self._graph.answer(request, self._graph.error_response(request, exc))
         del self.drafts[draft.id]
+        if refused is not None:  # Exchange accepts the send, then delivers an NDR instead
+            message_id = message_id_of(draft.mime, None)
+            await self._backend.throttle.refuse_later(
+                draft.mailbox.address, refused, message_id, submission.subject
+            )
+            return await self._graph.answer(request, web.Response(status=202))
         mail = ReceivedMail(
             mailbox=draft.mailbox.address,
             request_id=request[REQUEST_ID],
@@ -159,6 +167,7 @@ class DraftService:
             subject=submission.subject,
             client_request_id=request.headers.get("client-request-id"),
             attachments=tuple(item for item, _ in draft.attachments),
+            via_draft=True,
         )
         if self._mail_dir is not None:
             await self._mail_dir.add(mail)
@@ -175,6 +184,7 @@ class DraftService:
         try:
             chunk = await _read_chunk(request)
             session = self._session(request)
+            self._admit_upload(session, len(chunk))
             fault = self._backend.faults.take_upload_fault()
             if fault is not None:
                 raise GraphError(fault[0], "ServiceUnavailable", "Injected.", retry_after=fault[1])
@@ -214,7 +224,7 @@ class DraftService:
     async def cancel_session(self, request: web.Request) -> web.StreamResponse:
         self._backend.journal.upload_requests += 1
         try:
-            self._session(request)
+            self._admit_upload(self._session(request), 0)
         except GraphError as exc:
             return await self._upload_answer(request, self._graph.error_response(request, exc))
         del self._sessions[request.match_info["token"]]
@@ -229,8 +239,16 @@ class DraftService:
         await self._backend.journal.notify()
         return response
 
-    def _draft(self, request: web.Request) -> _Draft:
-        mailbox = self._graph.mailbox(request.match_info["user"])
+    def _admit_upload(self, session: _Session, size: int) -> None:
+        """Upload URLs carry no token: count the request (and the bytes received) against
+        the app and mailbox of the draft they belong to."""
+        throttle, draft = self._backend.throttle, session.draft
+        throttle.admit_request(draft.app, draft.mailbox.address)
+        if size:
+            throttle.admit_upload(draft.app, draft.mailbox.address, size)
+
+    def _draft(self, request: web.Request, role: str) -> _Draft:
+        _, mailbox = self._graph.admit(request, role)
         draft = self.drafts.get(request.match_info["id"])
         if draft is None or draft.mailbox.address != mailbox.address:
             raise GraphError(

@@ -1,8 +1,9 @@
 # Why this module exists: the relay's Graph client (DESIGN §2 graph.py) and its error mapping
 # (DESIGN §5 table) must be tested against something that answers like Graph: bearer token,
 # Mail.Send role, mailbox existence and licence, the 4 MB request limit, MailboxConcurrency,
-# then the body checks of `messages`. This is the I/O shell around those pure checks: it reads
-# the request, keeps the concurrency bookkeeping, injects faults and records what it accepted.
+# then the body checks of `messages` and the sending limits of `throttle`. This is the I/O
+# shell around those checks: it reads the request, keeps the concurrency bookkeeping, injects
+# faults and records what it accepted.
 """A stand-in for Microsoft Graph `POST /users/{id}/sendMail`."""
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from .directory import Mailbox
 from .faults import ABORT, GraphFault
 from .messages import GraphError, Submission, parse_json_submission, parse_mime_submission
 from .recorder import MailDir, ReceivedMail
+from .throttle import message_id_of
 
 __all__ = ["MAILBOX_CONCURRENCY", "MAX_REQUEST_BYTES", "GraphService", "read_limited"]
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # Graph's per-request body limit
-MAILBOX_CONCURRENCY = 4  # concurrent requests per app and mailbox (throttling-limits.md)
-CONCURRENCY_RETRY_AFTER = "1"
+MAILBOX_CONCURRENCY = 4  # the default of SandboxLimits.concurrent_requests (throttling-limits.md)
 _DEFAULT_CODES = {
     400: ("BadRequest", "The request is malformed or incorrect."),
     401: ("InvalidAuthenticationToken", "Access token validation failure."),
@@ -66,16 +67,11 @@ class GraphService:
         self._backend.journal.graph_requests += 1
         try:
             body = await read_limited(request)
-            claims = self._authenticate(request)
-            mailbox = self._mailbox(request.match_info["user"])
+            claims, mailbox = self.admit(request)
             slot = (claims.tenant_id, claims.client_id, mailbox.address)
-            if self._app_in_flight.get(slot, 0) >= MAILBOX_CONCURRENCY:
-                raise GraphError(
-                    429,
-                    "ApplicationThrottled",
-                    "Application is over its MailboxConcurrency limit.",
-                    retry_after=CONCURRENCY_RETRY_AFTER,
-                )
+            throttle = self._backend.throttle
+            if self._app_in_flight.get(slot, 0) >= throttle.limits.concurrent_requests:
+                raise throttle.concurrency_error()
         except GraphError as exc:
             return await self._answer(request, self.error_response(request, exc))
         self._app_in_flight[slot] = self._app_in_flight.get(slot, 0) + 1
@@ -107,8 +103,17 @@ class GraphService:
             return self.error_response(request, fault_error(fault))
         try:
             submission = self._parse(request, body, mailbox)
+            refused = self._backend.throttle.admit_message(
+                mailbox.address, len(submission.recipients)
+            )
         except GraphError as exc:
             return self.error_response(request, exc)
+        if refused is not None:
+            message_id = message_id_of(submission.mime, submission.json_body)
+            await self._backend.throttle.refuse_later(
+                mailbox.address, refused, message_id, submission.subject
+            )
+            return web.Response(status=202)  # Exchange accepts, then sends an NDR instead
         mail = ReceivedMail(
             mailbox=mailbox.address,
             request_id=request[REQUEST_ID],
@@ -138,6 +143,14 @@ class GraphService:
         self._backend.journal.graph_statuses[response.status] += 1
         await self._backend.journal.notify()
         return response
+
+    def admit(self, request: web.Request, role: str = "Mail.Send") -> tuple[TokenClaims, Mailbox]:
+        """Authenticate, find the mailbox, and count the request against the app's request
+        limit on it (429 past it); every authenticated request on a mailbox goes through here."""
+        claims = self._authenticate(request, role)
+        mailbox = self._mailbox(request.match_info["user"])
+        self._backend.throttle.admit_request((claims.tenant_id, claims.client_id), mailbox.address)
+        return claims, mailbox
 
     def authenticate(self, request: web.Request, role: str = "Mail.Send") -> TokenClaims:
         """The valid bearer token's claims, if its app holds the application `role`."""

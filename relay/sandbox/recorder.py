@@ -1,14 +1,13 @@
 # Why this module exists: the sandbox is only useful if one can see what "Microsoft" received.
 # Tests read an in-memory journal (messages, counters, concurrency peaks) and wait on it through
 # an asyncio.Condition instead of polling; `smtp-graph-relay sandbox` users open a mail folder
-# with one file per accepted message and an index.html listing them.
+# with one file per accepted message (and per NDR) and an index.html listing them
+# (rendered by `mail_index`).
 """What the sandbox saw: accepted messages, counters, and the optional mail folder."""
 
 from __future__ import annotations
 
 import asyncio
-import datetime
-import html
 import json
 import os
 import re
@@ -17,6 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from .limits import Ndr
+from .mail_index import IndexRow, ndr_mime, ndr_row, recipients_by_field, render_index
 
 __all__ = ["Journal", "MailDir", "ReceivedMail", "UploadedAttachment"]
 
@@ -56,6 +58,9 @@ class ReceivedMail:
     attachments: tuple[UploadedAttachment, ...] = ()
     # The caller's `client-request-id` header of the request that sent it, if it had one.
     client_request_id: str | None = None
+    # Sent through the large-message path: `mime` is what Exchange rebuilt from the draft and
+    # its uploaded attachments, not bytes the relay posted.
+    via_draft: bool = False
 
 
 class Journal:
@@ -100,7 +105,8 @@ class Journal:
 
 
 class MailDir:
-    """Writes each accepted message as `NNNN-<mailbox>.eml|.json` plus an `index.html`.
+    """Writes each accepted message as `NNNN-<mailbox>.eml|.json`, each NDR that landed as
+    `NNNN-<mailbox>.ndr.eml`, plus an `index.html` listing them all.
 
     Files are written atomically (temp + rename) from a worker thread; one lock keeps the
     numbering and the index consistent when several requests finish at once.
@@ -108,7 +114,7 @@ class MailDir:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._entries: list[tuple[ReceivedMail, str]] = []
+        self._rows: list[IndexRow] = []
         self._first_number = 1
         self._lock = asyncio.Lock()
 
@@ -121,21 +127,30 @@ class MailDir:
     def _prepare(self) -> int:
         self.directory.mkdir(parents=True, exist_ok=True)
         numbers = [int(p.name[:4]) for p in self.directory.glob("[0-9][0-9][0-9][0-9]-*")]
-        _atomic_write(self.directory / "index.html", _render_index([]).encode("utf-8"))
+        _atomic_write(self.directory / "index.html", render_index([]).encode("utf-8"))
         return max(numbers, default=0)
 
     async def add(self, mail: ReceivedMail) -> Path:
+        if mail.mime is not None:
+            payload = mail.mime
+        else:
+            payload = json.dumps(mail.json_body, indent=2, ensure_ascii=False).encode()
+        suffix = "eml" if mail.kind == "mime" else "json"
+        return await self._add(mail.mailbox, suffix, payload, lambda name: mail_row(mail, name))
+
+    async def add_ndr(self, ndr: Ndr) -> Path:
+        """File an NDR that landed in the sending mailbox, as Exchange delivers it there."""
+        return await self._add(ndr.mailbox, "ndr.eml", ndr_mime(ndr), lambda n: ndr_row(ndr, n))
+
+    async def _add(
+        self, mailbox: str, suffix: str, payload: bytes, row: Callable[[str], IndexRow]
+    ) -> Path:
         async with self._lock:
-            number = self._first_number + len(self._entries)
-            safe_mailbox = re.sub(r"[^A-Za-z0-9@._+-]", "_", mail.mailbox)
-            suffix = "eml" if mail.kind == "mime" else "json"
+            number = self._first_number + len(self._rows)
+            safe_mailbox = re.sub(r"[^A-Za-z0-9@._+-]", "_", mailbox)
             name = f"{number:04d}-{safe_mailbox}.{suffix}"
-            if mail.mime is not None:
-                payload = mail.mime
-            else:
-                payload = json.dumps(mail.json_body, indent=2, ensure_ascii=False).encode()
-            self._entries.append((mail, name))
-            page = _render_index(self._entries).encode("utf-8")
+            self._rows.append(row(name))
+            page = render_index(self._rows).encode("utf-8")
             await asyncio.to_thread(self._write_files, name, payload, page)
             return self.directory / name
 
@@ -145,37 +160,31 @@ class MailDir:
         _atomic_write(self.directory / "index.html", page)
 
 
+def mail_row(mail: ReceivedMail, name: str) -> IndexRow:
+    """The index line of an accepted message: how it came (the send path) and its size."""
+    if mail.via_draft:
+        path, size = "upload (rebuilt from draft)", len(mail.mime or b"")
+    elif mail.kind == "mime":
+        path, size = "MIME", len(mail.mime or b"")
+    else:
+        path = "JSON"
+        size = len(json.dumps(mail.json_body, ensure_ascii=False).encode())
+    to, cc, bcc = recipients_by_field(mail.mime, mail.json_body)
+    return IndexRow(
+        received_at=mail.received_at,
+        mailbox=mail.mailbox,
+        path=path,
+        size=size,
+        from_address=mail.from_address,
+        to=to,
+        cc=cc,
+        bcc=bcc,
+        subject=mail.subject,
+        file=name,
+    )
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def _render_index(entries: list[tuple[ReceivedMail, str]]) -> str:
-    rows = []
-    for mail, name in reversed(entries):
-        when = datetime.datetime.fromtimestamp(mail.received_at, datetime.UTC)
-        cells = (
-            when.strftime("%Y-%m-%d %H:%M:%S UTC"),
-            mail.mailbox,
-            mail.from_address,
-            ", ".join(mail.recipients),
-            mail.subject or "(no subject)",
-        )
-        tds = "".join(f"<td>{html.escape(cell)}</td>" for cell in cells)
-        link = html.escape(name, quote=True)
-        rows.append(f'<tr>{tds}<td><a href="{link}">{link}</a></td></tr>')
-    body = "\n".join(rows) or '<tr><td colspan="6">No mail yet.</td></tr>'
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>smtp-graph-relay sandbox: mail received by Graph</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}}</style>
-</head><body>
-<h1>Mail the sandbox Graph accepted since it started ({len(entries)})</h1>
-<p>Newest first. Each message is the exact MIME (or JSON) the relay posted to sendMail.</p>
-<table><tr><th>Received</th><th>Mailbox</th><th>From</th><th>Recipients</th><th>Subject</th>
-<th>File</th></tr>
-{body}
-</table></body></html>
-"""

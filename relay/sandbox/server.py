@@ -21,14 +21,17 @@ from aiohttp import web
 
 from .access_tokens import GRAPH_APP_ID, GRAPH_RESOURCE, AccessTokens
 from .backend import REQUEST_ID, Backend
+from .control import ControlService
 from .directory import Directory
 from .drafts import DraftService
 from .entra import EntraService
 from .faults import FaultPlan
 from .graph import GraphService
+from .limits import Ndr, SandboxLimits
 from .messages import GraphError
 from .pki import CA_FILE, ensure_credentials
 from .recorder import Journal, MailDir, ReceivedMail
+from .throttle import Throttle
 
 __all__ = ["Sandbox"]
 
@@ -54,6 +57,7 @@ class Sandbox:
         open_mailboxes: bool = False,
         mail_dir: Path | None = None,
         clock: Callable[[], float] = time.time,
+        limits: SandboxLimits = SandboxLimits(),  # noqa: B008 (frozen, so one shared default is safe)
     ) -> None:
         self.host = host
         self.port = port
@@ -65,12 +69,21 @@ class Sandbox:
         self._directory = Directory(open_mailboxes=open_mailboxes)
         self._tokens = AccessTokens(self._directory, clock, token_lifetime)
         self._mail_dir = MailDir(Path(mail_dir)) if mail_dir is not None else None
+        self._throttle = Throttle(limits, clock)
+        self._throttle.on_ndr = self._ndr_landed
         backend = Backend(
-            self._directory, self._tokens, self.faults, self._journal, clock, self._own_resources
+            self._directory,
+            self._tokens,
+            self.faults,
+            self._journal,
+            clock,
+            self._own_resources,
+            self._throttle,
         )
         self._entra = EntraService(backend)
         self._graph = GraphService(backend, self._mail_dir)
         self._drafts = DraftService(backend, self._graph, self._mail_dir)
+        self._control = ControlService(self._throttle)
         self._runner: web.AppRunner | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -89,6 +102,7 @@ class Sandbox:
         app.add_routes(self._entra.routes())
         app.add_routes(self._graph.routes())
         app.add_routes(self._drafts.routes())
+        app.add_routes(self._control.routes())
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -111,6 +125,7 @@ class Sandbox:
         if runner is not None:
             self.faults.release_graph()
             await runner.cleanup()
+            await self._throttle.close()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -192,6 +207,32 @@ class Sandbox:
     def revoke_tokens(self) -> None:
         """Every token issued so far now gets 401 InvalidAuthenticationToken from Graph."""
         self._tokens.revoke_all()
+
+    # -- limits ---------------------------------------------------------------------------
+
+    @property
+    def limits(self) -> SandboxLimits:
+        """The limits enforced now."""
+        return self._throttle.limits
+
+    def set_limits(self, **changes: object) -> SandboxLimits:
+        """Replace the given SandboxLimits fields (validated; ValueError otherwise)."""
+        return self._throttle.set_limits(changes)
+
+    @property
+    def violations(self) -> Counter[str]:
+        """Requests that went over each limit, keyed by the SandboxLimits field name."""
+        return self._throttle.violations
+
+    @property
+    def ndrs(self) -> list[Ndr]:
+        """NDRs that landed (exchange_answer "ndr"), oldest first."""
+        return self._throttle.ndrs
+
+    async def _ndr_landed(self, ndr: Ndr) -> None:
+        if self._mail_dir is not None:
+            await self._mail_dir.add_ndr(ndr)
+        await self._journal.notify()
 
     # -- observation ----------------------------------------------------------------------
 

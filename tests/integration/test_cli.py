@@ -365,7 +365,7 @@ async def test_sandbox_command_shows_received_mail(tmp_path: Path) -> None:
     mail_dir = tmp_path / "mail"
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relay", "sandbox", "--port", str(port), "--mail-dir", str(mail_dir),
-        stdout=asyncio.subprocess.PIPE, env=child_env(),
+        "--admin-port", "0", stdout=asyncio.subprocess.PIPE, env=child_env(), cwd=tmp_path,
     )  # fmt: skip
     try:
         assert process.stdout is not None
