@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from relay.sandbox import Sandbox
+from relay.sandbox import Sandbox, SandboxLimits
 
 __all__ = [
     "CLIENT_ID",
@@ -32,13 +32,16 @@ MAILBOX = "scanner@contoso.com"
 # mailbox budgets out of the way (in the relay and in the sandbox). `bench.budgets` measures
 # the pacing itself, at the limits.
 UNPACED = "mailbox_limits: {messages_per_minute: 10000000, recipients_per_day: 100000000}"
+UNPACED_SANDBOX = SandboxLimits(
+    messages_per_minute=10_000_000, recipients_per_day=100_000_000, requests_per_10_minutes=10**9
+)
 RECIPIENT = "bob@partner.example"
 
 
 @contextlib.asynccontextmanager
 async def sandbox_world(state_dir: Path) -> AsyncIterator[Sandbox]:
     """A started sandbox on a loopback port with the tenant, the app and the mailbox."""
-    async with Sandbox(state_dir=state_dir) as sandbox:
+    async with Sandbox(state_dir=state_dir, limits=UNPACED_SANDBOX) as sandbox:
         sandbox.add_tenant(TENANT)
         sandbox.add_app(TENANT, CLIENT_ID, secret=SECRET)
         sandbox.add_mailbox(MAILBOX)

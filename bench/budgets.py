@@ -33,7 +33,7 @@ from pathlib import Path
 from bench import MAILBOX, UNPACED, relay_config_text, sandbox_world, write_secret
 from bench.crash_soak import RelayProcess, free_port
 from bench.loadgen import LoadConfig, LoadGenerator, percentile
-from relay.sandbox import Sandbox, SandboxLimits
+from relay.sandbox import Sandbox
 
 __all__ = ["Run", "main", "run_burst"]
 
@@ -93,7 +93,7 @@ async def run_burst(
     paced: bool,
 ) -> Run:
     """One fresh relay; `messages` sent by `concurrency` SMTP clients as fast as they can."""
-    folder.mkdir(parents=True)
+    await asyncio.to_thread(folder.mkdir, parents=True)
     limits = f"mailbox_limits: {{messages_per_minute: {per_minute}}}" if paced else UNPACED
     delivery = (
         f"{{mode: hybrid, inline_timeout: 10s, spool_dir: {folder / 'spool'}, concurrency: 32, "

@@ -39,7 +39,9 @@ class SandboxLimits:
     recipients_per_day: int = 10_000  # per mailbox; To+Cc+Bcc of each accepted message
     concurrent_requests: int = 4  # per (app, mailbox) — Graph MailboxConcurrency
     requests_per_10_minutes: int = 10_000  # per (app, mailbox) — every request on the mailbox
-    upload_per_5_minutes: int = 150_000_000  # per (app, mailbox), bytes in upload-session PUTs
+    # per (app, mailbox), bytes in upload-session PUTs: Graph's "150 MB" is binary, like its
+    # largest attachment (150 MiB, attachment-createuploadsession.md), which must fit
+    upload_per_5_minutes: int = 150 * 1024 * 1024
     messages_window: float = 60.0
     recipients_window: float = 86_400.0
     requests_window: float = 600.0

@@ -374,6 +374,6 @@ async def test_the_default_limits_are_microsofts(tmp_path: Path) -> None:
     sandbox = Sandbox(state_dir=tmp_path)
     assert sandbox.limits == SandboxLimits()
     assert (sandbox.limits.messages_per_minute, sandbox.limits.recipients_per_day) == (30, 10_000)
-    assert sandbox.limits.upload_per_5_minutes == 150_000_000
+    assert sandbox.limits.upload_per_5_minutes == 150 * 1024 * 1024
     with pytest.raises(ValueError, match="requests_window must be more than 0"):
         sandbox.set_limits(requests_window=0)
