@@ -212,19 +212,29 @@ class GraphAttempts:
             return reservation
         used: Need | None = need  # cancelled half-way: Graph may have counted it all
         try:
-            return await self._request(config, route, request)
+            result = await self._request(config, route, request)
+            if isinstance(result, Postponed):
+                used = None
+            return result
         except DeliveryError as failure:
             used = counted(failure, need)
             return failure
         finally:
             self.budgets.finish(reservation, used)
 
-    async def _request(self, config: Config, route: Route, request: _Send) -> Delivered:
-        """The request itself, in one of the mailbox's Graph slots; raises DeliveryError."""
+    async def _request(
+        self, config: Config, route: Route, request: _Send
+    ) -> Delivered | Postponed:
+        """The request itself, in one of the mailbox's Graph slots; raises DeliveryError.
+        Postponed, unsent, when the mailbox was paused while this waited for its slot: the
+        message waits in the queue, not in a waiting client's DATA (hybrid) or a worker."""
         target = send_target(config, route)
         started = self._monotonic()
         try:
             async with self.slots.hold(route.auth_object, route.mailbox):
+                paused = self.slots.paused_for(route.auth_object, route.mailbox)
+                if paused > 0:
+                    return Postponed(route.mailbox, "pause", paused)
                 requested = self._monotonic()  # the latency metric leaves out the slot wait
                 try:
                     result = await request(target)

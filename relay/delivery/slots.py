@@ -97,10 +97,7 @@ class MailboxSlots:
         semaphore, users = self._slots.get(key, (asyncio.Semaphore(self._limits[key]), 0))
         self._slots[key] = (semaphore, users + 1)
         try:
-            async with semaphore:
-                pause = self.paused_for(auth_object, mailbox)
-                if pause > 0:  # Graph asked this mailbox's traffic to wait (Retry-After)
-                    await asyncio.sleep(pause)
+            async with semaphore:  # a pause is the caller's to check, once it holds the slot
                 yield
         finally:
             semaphore, users = self._slots[key]
