@@ -112,10 +112,20 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     if args.command == "test-mail":
         return asyncio.run(test_mail(config, args.sender, args.recipient, stdout))
     if args.command == "queue":
-        from relay.cli.queue import run_queue_command
+        from relay.cli.queue import QueueRequest, run_queue_command
 
-        return run_queue_command(config, args.action, args.queue_id, args.dead, stdout)
+        try:
+            request = QueueRequest.from_namespace(args)
+        except ValueError as exc:
+            print(f"queue: --older-than: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return run_queue_command(config, request, stdout)
     return EXIT_USAGE  # pragma: no cover - argparse restricts the choices
+
+
+_QUEUE_ACTIONS = [
+    *("list", "show", "shape", "hold", "release", "retry", "delete", "purge", "pause", "resume"),
+]
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -140,10 +150,27 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     mail.add_argument("--from", dest="sender", required=True, help="sender address")
     mail.add_argument("--to", dest="recipient", required=True, help="recipient address")
     queue = with_config("queue", "list and operate on the spool (works while the relay runs)")
-    queue.add_argument("action", choices=["list", "show", "retry", "delete", "purge"])
-    queue.add_argument("queue_id", nargs="?", help="the message's queue id (show, retry, delete)")
+    queue.add_argument("action", choices=_QUEUE_ACTIONS)
+    queue.add_argument(
+        "queue_id",
+        nargs="?",
+        metavar="ID|MAILBOX|ALL",
+        help="a queue id (any case); pause/resume: a mailbox; delete: ALL deletes every message",
+    )
     queue.add_argument(
         "--dead", action="store_true", help="list: dead letters; purge: required, purges them"
+    )
+    queue.add_argument("--json", action="store_true", help="list: a JSON array of the entries")
+    queue.add_argument("--mailbox", help="list, retry: only this sending mailbox")
+    queue.add_argument("--sender", help="list: only this envelope sender")
+    queue.add_argument("--older-than", metavar="AGE", help="list: only mail older than AGE (1h)")
+    queue.add_argument("--all", action="store_true", help="hold, release, retry: every message")
+    queue.add_argument(
+        "--eml",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="show: write the stored message to FILE (standard output without FILE)",
     )
     sandbox = commands.add_parser(
         "sandbox",

@@ -1,0 +1,45 @@
+"""`QueueRequest`: what the command line asked of `smtp-graph-relay queue`, as one value.
+
+Why this module exists: the parser (relay/cli/main.py), the reading commands (`relay.cli.queue`)
+and the changing ones (`relay.cli.queue_ops`) all need it; kept apart, none imports another.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from relay.config.units import parse_duration
+
+__all__ = ["QueueRequest"]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRequest:
+    """What the command line asked of `queue` (parsed by relay/cli/main.py)."""
+
+    action: str
+    target: str | None = None  # a queue id, a mailbox (pause/resume) or ALL (delete)
+    dead: bool = False
+    json: bool = False
+    mailbox: str | None = None
+    sender: str | None = None
+    older_than: float | None = None  # seconds
+    all: bool = False
+    eml: str | None = None  # "-" = standard output
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> QueueRequest:
+        """ValueError (with the fix) for an --older-than that is not a duration."""
+        older = parse_duration(args.older_than) if args.older_than is not None else None
+        return cls(
+            action=args.action,
+            target=args.queue_id,
+            dead=args.dead,
+            json=args.json,
+            mailbox=args.mailbox,
+            sender=args.sender,
+            older_than=older,
+            all=args.all,
+            eml=args.eml,
+        )
