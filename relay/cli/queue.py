@@ -34,7 +34,7 @@ from relay.delivery.mailboxes import mailbox_rows
 from relay.graph.aadsts import remedy_for
 from relay.store.files import FileStore
 from relay.store.index import entry_mailbox
-from relay.store.protocol import MailboxKey, Store
+from relay.store.protocol import EntryNotFoundError, MailboxKey, Store
 
 __all__ = ["QueueRequest", "age", "run_queue_command"]
 
@@ -201,7 +201,11 @@ async def _mailboxes(config: Config, store: Store, out: TextIO) -> None:
 
 async def _export(store: Store, queue_id: str, target: str, out: TextIO) -> int:
     """The message bytes exactly as stored (checked against their SHA-256) to a file or stdout."""
-    data = await store.read_message(queue_id)
+    try:
+        data = await store.read_message(queue_id)
+    except EntryNotFoundError as exc:  # its bytes did not match their SHA-256: set aside
+        out.write(f"{queue_id}: cannot export it: {exc}\n")
+        return EXIT_FAILURE
     if target != "-":
         await asyncio.to_thread(Path(target).write_bytes, data)
         out.write(f"{queue_id}: {len(data)} bytes written to {target}\n")

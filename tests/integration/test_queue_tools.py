@@ -309,3 +309,12 @@ def test_shape_counts_each_mailbox_in_its_age_bucket(spool_config: Path) -> None
     alerts = next(r for r in rows if r.startswith("alerts@contoso.com"))
     assert alerts.split()[1:12] == ["1", "1", "0", "0", "0", "0", "0", "0", "0", "0", "0"]
     assert alerts.endswith("Microsoft 365 is busy (ServiceUnavailable)")
+
+
+def test_show_eml_of_a_damaged_message_refuses_and_sets_it_aside(spool_config: Path) -> None:
+    """Bytes that no longer match their SHA-256 are never exported as if they were the mail."""
+    (spool_config.parent / "spool" / "data" / "0A1B2C3D.eml").write_bytes(b"truncated")
+    code, output = run(spool_config, "show", "0A1B2C3D", "--eml")
+    assert code == 1
+    assert output.startswith("0A1B2C3D: cannot export it: ")
+    assert "0A1B2C3D" not in listed(spool_config)
