@@ -123,8 +123,18 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     return EXIT_USAGE  # pragma: no cover - argparse restricts the choices
 
 
+# Postfix's names where it has one (hold/release: postsuper -h/-H; shape: qshape).
 _QUEUE_ACTIONS = [
-    *("list", "show", "shape", "hold", "release", "retry", "delete", "purge", "pause", "resume"),
+    "list",
+    "show",
+    "shape",
+    "hold",
+    "release",
+    "retry",
+    "delete",
+    "purge",
+    "pause",
+    "resume",
 ]
 
 

@@ -105,6 +105,10 @@ class QueueWorkers:
         self._paused = await self._store.paused_mailboxes()
         self._loop_task = asyncio.create_task(self._run(), name="queue-workers")
 
+    def paused(self, meta: EntryMeta) -> bool:
+        """Whether the operator paused `meta`'s mailbox (`queue pause`), as of the last rescan."""
+        return mailbox_key(meta.auth_object, meta.mailbox) in self._paused
+
     def stop_claiming(self) -> None:
         """Shutdown has begun: claim nothing more (stop() then waits for the workers)."""
         self._stopping = True

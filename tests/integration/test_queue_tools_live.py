@@ -179,3 +179,36 @@ async def test_retry_delivers_a_deferred_message_now_beside_new_mail(
     await until(lambda: "deferred-2" in subjects(sandbox))
     await until(lambda: _settled(relay, empty=True))
     assert subjects(sandbox) == Counter(["deferred-1", "deferred-2", "new-0", "new-1", "new-2"])
+
+
+HYBRID = "{mode: hybrid, inline_timeout: 5s, spool_dir: spool}"
+
+
+async def test_a_paused_mailbox_gets_no_inline_attempt_in_hybrid_mode(
+    start_relay: RelayFactory, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Hybrid's inline attempt respects a pause too: the client hears 'queued', the mail waits
+    in the spool until resume, and the other mailbox is still delivered inline."""
+    sandbox.add_mailbox(ALERTS)
+    relay = await start_relay(delivery=HYBRID, rescan_seconds=RESCAN)
+    assert relay.store is not None
+    store, port = relay.store, relay.listeners[0].port
+    cli = Operator(write_config(sandbox, tmp_path, delivery=HYBRID))
+    assert (await cli("pause", MAILBOX))[0] == 0
+
+    async def relay_sees_the_pause() -> bool:
+        return mailbox_key("contoso", MAILBOX) in await store.paused_mailboxes()
+
+    await until(relay_sees_the_pause)
+    waiting = await asmtp_send(port, message(subject="paused"))
+    assert (waiting.code, waiting.text.split()[1]) == (250, "Ok:"), waiting
+    assert "queued" in waiting.text
+    flowing = await asmtp_send(port, message(sender=ALERTS, subject="flowing"), sender=ALERTS)
+    assert flowing.code == 250
+    assert "delivered" in flowing.text
+    assert set(subjects(sandbox)) == {"flowing"}
+    assert list((await cli.states()).values()) == ["queue"]
+    assert (await cli("resume", MAILBOX))[0] == 0
+    await until(lambda: "paused" in subjects(sandbox))
+    await until(lambda: _settled(relay, empty=True))
+    assert subjects(sandbox) == Counter(["flowing", "paused"])
