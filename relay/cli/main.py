@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from relay import __version__
+from relay.cli.queue_request import QueueRequest, add_queue_arguments
 from relay.config.advice import config_warnings
 from relay.config.load import load_config
 from relay.config.schema import ClientCertificate, Config
@@ -112,7 +113,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     if args.command == "test-mail":
         return asyncio.run(test_mail(config, args.sender, args.recipient, stdout))
     if args.command == "queue":
-        from relay.cli.queue import QueueRequest, run_queue_command
+        from relay.cli.queue import run_queue_command
 
         try:
             request = QueueRequest.from_namespace(args)
@@ -121,21 +122,6 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
             return EXIT_USAGE
         return run_queue_command(config, request, stdout)
     return EXIT_USAGE  # pragma: no cover - argparse restricts the choices
-
-
-# Postfix's names where it has one (hold/release: postsuper -h/-H; shape: qshape).
-_QUEUE_ACTIONS = [
-    "list",
-    "show",
-    "shape",
-    "hold",
-    "release",
-    "retry",
-    "delete",
-    "purge",
-    "pause",
-    "resume",
-]
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -160,28 +146,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     mail.add_argument("--from", dest="sender", required=True, help="sender address")
     mail.add_argument("--to", dest="recipient", required=True, help="recipient address")
     queue = with_config("queue", "list and operate on the spool (works while the relay runs)")
-    queue.add_argument("action", choices=_QUEUE_ACTIONS)
-    queue.add_argument(
-        "queue_id",
-        nargs="?",
-        metavar="ID|MAILBOX|ALL",
-        help="a queue id (any case); pause/resume: a mailbox; delete: ALL deletes every message",
-    )
-    queue.add_argument(
-        "--dead", action="store_true", help="list: dead letters; purge: required, purges them"
-    )
-    queue.add_argument("--json", action="store_true", help="list: a JSON array of the entries")
-    queue.add_argument("--mailbox", help="list, retry: only this sending mailbox")
-    queue.add_argument("--sender", help="list: only this envelope sender")
-    queue.add_argument("--older-than", metavar="AGE", help="list: only mail older than AGE (1h)")
-    queue.add_argument("--all", action="store_true", help="hold, release, retry: every message")
-    queue.add_argument(
-        "--eml",
-        nargs="?",
-        const="-",
-        metavar="FILE",
-        help="show: write the stored message to FILE (standard output without FILE)",
-    )
+    add_queue_arguments(queue)
     sandbox = commands.add_parser(
         "sandbox",
         help="try the relay against a local stand-in for Microsoft 365 (no tenant needed)",

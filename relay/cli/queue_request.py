@@ -11,7 +11,21 @@ from dataclasses import dataclass
 
 from relay.config.units import parse_duration
 
-__all__ = ["QueueRequest"]
+__all__ = ["QueueRequest", "add_queue_arguments"]
+
+# Postfix's names where it has one (hold/release: postsuper -h/-H; shape: qshape).
+_ACTIONS = (
+    "list",
+    "show",
+    "shape",
+    "hold",
+    "release",
+    "retry",
+    "delete",
+    "purge",
+    "pause",
+    "resume",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,3 +57,29 @@ class QueueRequest:
             all=args.all,
             eml=args.eml,
         )
+
+
+def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `queue` subcommand's arguments (main.py builds the subcommand)."""
+    parser.add_argument("action", choices=_ACTIONS)
+    parser.add_argument(
+        "queue_id",
+        nargs="?",
+        metavar="ID|MAILBOX|ALL",
+        help="a queue id (any case); pause/resume: a mailbox; delete: ALL deletes every message",
+    )
+    parser.add_argument(
+        "--dead", action="store_true", help="list: dead letters; purge: required, purges them"
+    )
+    parser.add_argument("--json", action="store_true", help="list: a JSON array of the entries")
+    parser.add_argument("--mailbox", help="list, retry: only this sending mailbox")
+    parser.add_argument("--sender", help="list: only this envelope sender")
+    parser.add_argument("--older-than", metavar="AGE", help="list: only mail older than AGE (1h)")
+    parser.add_argument("--all", action="store_true", help="hold, release, retry: every message")
+    parser.add_argument(
+        "--eml",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="show: write the stored message to FILE (standard output without FILE)",
+    )
