@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from relay import __version__
+from relay.cli.queue_request import QueueRequest, add_queue_arguments
 from relay.config.advice import config_warnings
 from relay.config.load import load_config
 from relay.config.schema import ClientCertificate, Config
@@ -114,7 +115,12 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     if args.command == "queue":
         from relay.cli.queue import run_queue_command
 
-        return run_queue_command(config, args.action, args.queue_id, args.dead, stdout)
+        try:
+            request = QueueRequest.from_namespace(args)
+        except ValueError as exc:
+            print(f"queue: --older-than: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return run_queue_command(config, request, stdout)
     return EXIT_USAGE  # pragma: no cover - argparse restricts the choices
 
 
@@ -140,11 +146,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     mail.add_argument("--from", dest="sender", required=True, help="sender address")
     mail.add_argument("--to", dest="recipient", required=True, help="recipient address")
     queue = with_config("queue", "list and operate on the spool (works while the relay runs)")
-    queue.add_argument("action", choices=["list", "show", "retry", "delete", "purge"])
-    queue.add_argument("queue_id", nargs="?", help="the message's queue id (show, retry, delete)")
-    queue.add_argument(
-        "--dead", action="store_true", help="list: dead letters; purge: required, purges them"
-    )
+    add_queue_arguments(queue)
     sandbox = commands.add_parser(
         "sandbox",
         help="try the relay against a local stand-in for Microsoft 365 (no tenant needed)",

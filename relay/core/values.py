@@ -46,7 +46,7 @@ from relay.core.message.prepare import PreparedMessage
 if TYPE_CHECKING:  # annotations only: pydantic loads socket (importlib.metadata, email)
     from relay.config.schema import AuthObjectConfig
 
-State = Literal["queue", "active", "dead", "quarantine", "corrupt"]
+State = Literal["queue", "active", "dead", "quarantine", "corrupt", "hold"]
 FORMAT_VERSION: Final = 3
 # Older entries are read with the fields added since at their defaults. Version 1 (before
 # `sender` and `sha256`): routed by mail_from, its message not checked against a digest.

@@ -231,6 +231,7 @@ class DeliveryEngine:
         # attempt would only wait, holding a claim a crash would count against the message:
         # queue it for the workers instead (they send it when the budget frees).
         inline = mode == "hybrid" and self.attempts.can_send_now(meta)
+        inline = inline and not self.workers.paused(meta)  # `queue pause`: the workers wait
         try:
             await self.store.put(meta, submission.message.mime, claimed=inline)
         except StoreUnavailableError as exc:

@@ -89,6 +89,7 @@ class QueueWorkers:
         self.fills = 0  # looks at the queue so far (tests wait for the next one)
         # When each mailbox was held back by our own pacing (credited against the lifetime).
         self._held: HeldBack[MailboxKey] = HeldBack(horizon=initial.delivery.retry.lifetime)
+        self._paused: frozenset[MailboxKey] = frozenset()  # `queue pause`, read at each rescan
 
     @property
     def running(self) -> bool:
@@ -101,7 +102,12 @@ class QueueWorkers:
 
     async def start(self) -> None:
         """Start the loop (the store is recovered by then)."""
+        self._paused = await self._store.paused_mailboxes()
         self._loop_task = asyncio.create_task(self._run(), name="queue-workers")
+
+    def paused(self, meta: EntryMeta) -> bool:
+        """Whether the operator paused `meta`'s mailbox (`queue pause`), as of the last rescan."""
+        return mailbox_key(meta.auth_object, meta.mailbox) in self._paused
 
     def stop_claiming(self) -> None:
         """Shutdown has begun: claim nothing more (stop() then waits for the workers)."""
@@ -136,6 +142,7 @@ class QueueWorkers:
                 if self._monotonic() >= next_rescan:
                     self._outcomes.retry_now()  # kept outcomes land within one rescan
                     await self._store.refresh()
+                    self._paused = await self._store.paused_mailboxes()
                     rested = self._monotonic()
                     self._resting = {q: t for q, t in self._resting.items() if t > rested}
                     next_rescan = self._monotonic() + self._rescan
@@ -183,7 +190,7 @@ class QueueWorkers:
     def _blocked(self) -> set[MailboxKey]:
         """Mailboxes (and pools) that cannot start a send now."""
         slots, budgets = self._attempts.slots, self._attempts.budgets
-        blocked: set[MailboxKey] = set(slots.busy_keys())
+        blocked: set[MailboxKey] = set(slots.busy_keys()) | self._paused
         for key, wait in budgets.blocked().items():
             blocked.add(key)
             self._note_budget_wait(wait)

@@ -153,6 +153,7 @@ class StoreIndex:
             corrupt=counts["corrupt"],
             oldest_created=self._pending[0][0] if self._pending else None,
             due=bisect.bisect_right(self._due, (now, math.inf, "")),
+            held=counts["hold"],
         )
 
 

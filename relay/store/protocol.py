@@ -15,6 +15,7 @@ An entry (`relay.core.values.EntryMeta`) is in exactly one state at every instan
     dead        given up (permanent failure, expired): kept for the operator with its reason
     quarantine  its handling crashed the relay CRASH_LIMIT times: kept for the operator
     corrupt     unreadable or mismatching (size, SHA-256): set aside, never delivered
+    hold        put on hold by the operator (`postsuper -h`): never due until released
 
 The moves, each atomic and durable before the call returns:
 
@@ -29,6 +30,8 @@ The moves, each atomic and durable before the call returns:
     discard              any -> gone (hybrid: the waiting client was told the 5xx itself)
     retry (operator)     dead | quarantine | queue -> queue, due now
     delete (operator)    any but active -> gone
+    hold (operator)      queue -> hold, only if still queued (an active entry is refused)
+    unhold (operator)    hold -> queue unchanged (due when its next_attempt says)
     recover (at start)   active entries left by a dead process -> queue with crashes+1, or
                          quarantine once crashes reaches CRASH_LIMIT
 
@@ -40,6 +43,10 @@ Beside the entries, a store keeps the send ledger (`relay.core.budgets.SendRecor
 mailbox sent over the last 24 hours, so that Exchange Online's rolling budgets survive a restart.
 `record_sends` appends, `sends_since` reads back; records older than the ledger span may be
 forgotten.
+
+Beside them, the paused mailboxes (`queue pause`): a durable set of `MailboxKey` the workers
+leave out of `due`, read again at every `refresh`, so a pause made by the CLI in another process
+takes effect within one rescan.
 
 `due` is a hint, not a claim: it lists candidates in order; the caller claims each one it can
 start, and a concurrent claimer (another worker, another relay, the CLI) simply wins the race.
@@ -121,6 +128,7 @@ class StoreStats:
     corrupt: int
     oldest_created: float | None  # oldest undelivered entry (queue and active)
     due: int = 0  # queued entries with next_attempt <= now
+    held: int = 0  # entries the operator put on hold
 
 
 class Store(Protocol):
@@ -231,4 +239,26 @@ class Store(Protocol):
 
     async def purge(self, state: State) -> int:
         """Delete every entry in `state` (never active); the number deleted."""
+        ...
+
+    # --- hold and pause (the `queue hold|release|pause|resume` CLI), safe while relays run ------
+
+    async def hold(self, queue_id: str) -> bool:
+        """queue -> hold; False when it is not queued (absent, active, dead, already held)."""
+        ...
+
+    async def unhold(self, queue_id: str) -> bool:
+        """hold -> queue unchanged; False when it is not held."""
+        ...
+
+    async def paused_mailboxes(self) -> frozenset[MailboxKey]:
+        """The mailboxes whose delivery the operator paused (as of the last `refresh`)."""
+        ...
+
+    async def pause_mailbox(self, key: MailboxKey) -> None:
+        """Add `key` to the paused set, durably. Raises StoreUnavailableError."""
+        ...
+
+    async def resume_mailbox(self, key: MailboxKey) -> None:
+        """Remove `key` from the paused set, durably; no-op when it is not paused."""
         ...

@@ -53,6 +53,7 @@ class MemoryStore:
         self._failures = 0
         self._records: dict[str, _Record] = {}
         self._sends: list[SendRecord] = []
+        self._paused: set[MailboxKey] = set()
         self._index = StoreIndex()
         self._open = False
 
@@ -70,6 +71,7 @@ class MemoryStore:
         again = MemoryStore(free_bytes=self.free_bytes)
         again._records = self._records
         again._sends = self._sends
+        again._paused = self._paused
         return again
 
     def has_room_for(self, size: int) -> bool:
@@ -204,7 +206,7 @@ class MemoryStore:
     async def retry(self, queue_id: str) -> bool:
         await self._write(f"cannot retry {queue_id}")
         record = self._records.get(check_queue_id(queue_id))
-        if record is None or record.state in ("active", "corrupt"):
+        if record is None or record.state in ("active", "corrupt", "hold"):
             return False
         crashes = 0 if record.state == "quarantine" else record.entry.crashes
         self._set(replace(record.entry, next_attempt=0.0, crashes=crashes, dead_reason=""), "queue")
@@ -223,6 +225,35 @@ class MemoryStore:
             raise ValueError("active entries belong to the running relay")
         doomed = [qid for qid, r in self._records.items() if r.state == state]
         return sum([await self.delete(qid) for qid in doomed])
+
+    # --- hold and pause -----------------------------------------------------------------------
+
+    async def hold(self, queue_id: str) -> bool:
+        await self._write(f"cannot hold {queue_id}")
+        record = self._records.get(check_queue_id(queue_id))
+        if record is None or record.state != "queue":
+            return False
+        self._set(record.entry, "hold")
+        return True
+
+    async def unhold(self, queue_id: str) -> bool:
+        await self._write(f"cannot release {queue_id}")
+        record = self._records.get(check_queue_id(queue_id))
+        if record is None or record.state != "hold":
+            return False
+        self._set(record.entry, "queue")
+        return True
+
+    async def paused_mailboxes(self) -> frozenset[MailboxKey]:
+        return frozenset(self._paused)
+
+    async def pause_mailbox(self, key: MailboxKey) -> None:
+        await self._write("cannot pause a mailbox")
+        self._paused.add(key)
+
+    async def resume_mailbox(self, key: MailboxKey) -> None:
+        await self._write("cannot resume a mailbox")
+        self._paused.discard(key)
 
     # --- mechanics ----------------------------------------------------------------------------
 

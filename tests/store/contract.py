@@ -505,3 +505,112 @@ class StoreContract(ABC):
         again = await self.restart(store)
         await again.recover()
         assert list(await again.sends_since(NOW - 86_400)) == [sent]
+
+    # --- hold / unhold (the operator's `queue hold|release`) ----------------------------------
+
+    async def held(self, store: Store, queue_id: str = "Q1", **changes: Any) -> EntryMeta:
+        await store.put(entry(queue_id, **changes), MESSAGE)
+        assert await store.hold(queue_id) is True
+        found = await store.find(queue_id)
+        assert found is not None
+        assert found[0] == "hold"
+        return found[1]
+
+    async def test_hold_moves_a_queued_entry_out_of_due_and_claim(self, store: Store) -> None:
+        await self.held(store)
+        assert await store.due(NOW, 10) == []
+        assert await store.next_due() is None
+        assert await store.claim("Q1") is None
+        assert [e.queue_id for e in await store.list("hold")] == ["Q1"]
+
+    async def test_unhold_puts_it_back_unchanged_and_due_again(self, store: Store) -> None:
+        meta = await self.held(store, next_attempt=NOW - 5)
+        assert await store.unhold("Q1") is True
+        assert await store.find("Q1") == ("queue", meta)
+        assert [e.queue_id for e in await store.due(NOW, 10)] == ["Q1"]
+        assert await store.claim("Q1") is not None
+
+    @pytest.mark.parametrize("state", ["active", "dead", "quarantine", None])
+    async def test_hold_refuses_what_is_not_queued(self, store: Store, state: State | None) -> None:
+        if state:
+            await self.in_state(store, state)
+        assert await store.hold("Q1") is False
+        found = await store.find("Q1")
+        assert (found[0] if found else None) == state
+
+    async def test_hold_twice_and_unhold_of_what_is_not_held_are_refused(
+        self, store: Store
+    ) -> None:
+        await self.held(store)
+        assert await store.hold("Q1") is False
+        await self.in_state(store, "queue", "Q2")
+        assert await store.unhold("Q2") is False
+        assert await store.unhold("NOPE") is False
+
+    async def test_held_entries_are_counted_apart(self, store: Store) -> None:
+        await self.held(store, "H1")
+        await self.held(store, "H2")
+        await store.put(entry("Q3"), MESSAGE)
+        stats = await store.stats(NOW)
+        assert (stats.held, stats.queued, stats.due) == (2, 1, 1)
+        await store.unhold("H1")
+        stats = await store.stats(NOW)
+        assert (stats.held, stats.queued, stats.due) == (1, 2, 2)
+
+    async def test_retry_leaves_a_held_entry_held(self, store: Store) -> None:
+        await self.held(store)
+        assert await store.retry("Q1") is False
+        assert await store.claim("Q1") is None
+
+    async def test_delete_and_purge_remove_held_entries(self, store: Store) -> None:
+        await self.held(store, "H1")
+        await self.held(store, "H2")
+        assert await store.delete("H1") is True
+        assert await store.purge("hold") == 1
+        assert (await store.stats(NOW)).held == 0
+        with pytest.raises(EntryNotFoundError):
+            await store.read_message("H2")
+
+    async def test_recover_leaves_held_entries_held(self, store: Store) -> None:
+        meta = await self.held(store)
+        again = await self.restart(store)
+        await again.recover()
+        assert await again.find("Q1") == ("hold", meta)
+        assert await again.due(NOW, 10) == []
+        assert (await again.stats(NOW)).held == 1
+
+    async def test_refresh_keeps_held_entries_held(self, store: Store) -> None:
+        await self.held(store)
+        await store.refresh()
+        assert (await store.stats(NOW)).held == 1
+        assert await store.due(NOW, 10) == []
+
+    # --- paused mailboxes (`queue pause|resume`) ----------------------------------------------
+
+    async def test_pause_and_resume_change_the_paused_set(self, store: Store) -> None:
+        scanner = mailbox_key("contoso", "scanner@contoso.com")
+        alerts = mailbox_key("contoso", "alerts@contoso.com")
+        assert await store.paused_mailboxes() == frozenset()
+        await store.pause_mailbox(scanner)
+        await store.pause_mailbox(alerts)
+        await store.pause_mailbox(scanner)
+        assert await store.paused_mailboxes() == {scanner, alerts}
+        await store.resume_mailbox(scanner)
+        await store.resume_mailbox(scanner)
+        assert await store.paused_mailboxes() == {alerts}
+
+    async def test_the_paused_set_survives_a_restart(self, store: Store) -> None:
+        scanner = mailbox_key("contoso", "scanner@contoso.com")
+        await store.pause_mailbox(scanner)
+        again = await self.restart(store)
+        await again.recover()
+        assert await again.paused_mailboxes() == {scanner}
+
+    async def test_a_paused_mailbox_excluded_from_due_keeps_its_entries(self, store: Store) -> None:
+        scanner = mailbox_key("contoso", "Scanner@Contoso.com")
+        await store.put(entry("S"), MESSAGE)
+        await store.put(entry("A", mailbox="alerts@contoso.com"), MESSAGE)
+        await store.pause_mailbox(scanner)
+        paused = await store.paused_mailboxes()
+        assert [e.queue_id for e in await store.due(NOW, 10, paused)] == ["A"]
+        assert (await store.stats(NOW)).queued == 2

@@ -25,8 +25,11 @@ Layout under the root (directories 0700, files 0600)::
     active/<id>.json         claimed by a worker of the running relay
     dead/<id>.json           given up (permanent failure, expired); kept for the operator
     quarantine/<id>.json     crashed the relay CRASH_LIMIT times; kept for the operator
+    hold/<id>.json           held by the operator (`queue hold`); never claimed until released
     corrupt/<id>.json[.N]    unreadable or mismatching entry moved aside, with corrupt/<id>.eml[.N]
     lock                     flock()ed by the relay between open() and close(): one relay a spool
+    paused.json              the mailboxes the operator paused, replaced whole (paused.py),
+                             with paused.lock serialising two operators
 
 The directory holding an entry's metadata is its state. An entry has exactly one metadata file
 at every instant: each state change is one rename, or an atomic rewrite in place (tmp, fsync,

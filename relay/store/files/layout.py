@@ -40,7 +40,8 @@ log = logging.getLogger("relay.spool")
 
 # Order of preference when one id is found in several states: the copy that still gets the
 # message delivered wins; every rename's destination outranks its source.
-LIVE: Final[tuple[State, ...]] = ("queue", "quarantine", "dead", "active")
+# hold/ ranks after queue/: a hold or release cut by power loss leaves the entry deliverable.
+LIVE: Final[tuple[State, ...]] = ("queue", "hold", "quarantine", "dead", "active")
 CORRUPT_RE: Final = re.compile(rf"(?P<id>{QUEUE_ID_PATTERN})\.(?:json|eml)(?:\.[0-9]+)?")
 DIRECTORIES: Final[tuple[str, ...]] = ("tmp", "data", *LIVE, "corrupt")
 
@@ -77,6 +78,13 @@ class Layout:
         for name in DIRECTORIES:
             (self.root / name).mkdir(mode=0o700, exist_ok=True)
         self.sync_dir(self.root)
+
+    def ensure(self, directory: str) -> None:
+        """Make one directory of the tree (a spool from before it existed lacks it)."""
+        path = self.root / directory
+        if not path.is_dir():
+            path.mkdir(mode=0o700, exist_ok=True)
+            self.sync_dir(self.root)
 
     def meta_path(self, state: State, queue_id: str) -> Path:
         return self.root / state / f"{queue_id}.json"

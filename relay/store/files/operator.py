@@ -1,4 +1,4 @@
-"""The operator's commands on the file store: find, list, retry, delete, purge.
+"""The operator's commands on the file store: find, list, retry, delete, purge, hold, unhold.
 
 Why this module exists: the `queue` CLI runs beside a relay that holds the lock, so it may only
 use moves that are safe against a worker racing it (see "Operator operations" in
@@ -15,9 +15,9 @@ from dataclasses import replace
 from relay.core.values import EntryMeta, State, check_queue_id
 from relay.store.files.layout import CORRUPT_RE, CorruptEntryError, Layout, io
 
-__all__ = ["delete", "find", "list_entries", "purge", "retry"]
+__all__ = ["delete", "find", "hold", "list_entries", "purge", "retry", "unhold"]
 
-_FIND_ORDER: tuple[State, ...] = ("queue", "active", "dead", "quarantine")
+_FIND_ORDER: tuple[State, ...] = ("queue", "active", "hold", "dead", "quarantine")
 
 
 def find(layout: Layout, queue_id: str) -> tuple[State, EntryMeta] | None:
@@ -53,7 +53,7 @@ def retry(layout: Layout, queue_id: str) -> tuple[State, EntryMeta] | None:
     """dead/, quarantine/ or queue/ -> queue/ due now (crashes reset from quarantine/).
     Where it was and what is queued now; None if not found or active."""
     found = find(layout, queue_id)
-    if found is None or found[0] == "active":
+    if found is None or found[0] in ("active", "hold"):  # a held entry waits for its release
         return None
     state, meta = found
     with io(f"cannot retry {queue_id}"):
@@ -85,7 +85,7 @@ def delete(layout: Layout, queue_id: str) -> State | None:
     with io(f"cannot delete {queue_id}"):
         if layout.meta_path("active", queue_id).exists():
             return None
-        for state in ("queue", "dead", "quarantine"):
+        for state in ("queue", "hold", "dead", "quarantine"):
             if layout.unlink_meta(state, queue_id):
                 layout.remove_data(queue_id)  # only after we, not a worker, got the metadata
                 removed = state
@@ -104,3 +104,32 @@ def purge(layout: Layout, state: State) -> list[tuple[str, State]]:
         raise ValueError("active entries belong to the running relay")
     ids = layout.corrupt_ids() if state == "corrupt" else layout.ids(state)
     return [(qid, was) for qid in ids if (was := delete(layout, qid)) is not None]
+
+
+def hold(layout: Layout, queue_id: str) -> EntryMeta | None:
+    """queue/ -> hold/ by one rename: a worker claiming it at the same instant wins or loses
+    whole, never both. What is held now; None if it was not in queue/ (active included)."""
+    check_queue_id(queue_id)
+    with io(f"cannot hold {queue_id}"):
+        layout.ensure("hold")
+        try:
+            layout.move("queue", "hold", queue_id)
+        except FileNotFoundError:
+            return None
+        with contextlib.suppress(CorruptEntryError):
+            return layout.load("hold", queue_id)
+    return None  # unreadable: the next rescan sets it aside
+
+
+def unhold(layout: Layout, queue_id: str) -> EntryMeta | None:
+    """hold/ -> queue/ unchanged (workers never touch hold/): what is queued now; None if it
+    was not held."""
+    check_queue_id(queue_id)
+    with io(f"cannot release {queue_id}"):
+        try:
+            layout.move("hold", "queue", queue_id)
+        except FileNotFoundError:
+            return None
+        with contextlib.suppress(CorruptEntryError):
+            return layout.load("queue", queue_id)
+    return None

@@ -260,6 +260,7 @@ class Spool:
             corrupt=len(self.corrupt_ids()),
             oldest_created=min((m.created for m in pending), default=None),
             due=len(self.due(now)),
+            held=len(self.layout.ids("hold")),
         )
 
     # --- mechanics ----------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from typing import Literal, ParamSpec, TypeVar
 
 from relay.core.budgets import SendRecord
 from relay.core.values import EntryMeta, State
-from relay.store.files import operator
+from relay.store.files import operator, paused
 from relay.store.files.layout import LIVE, CorruptEntryError, EntrySetAsideError, Layout
 from relay.store.files.ledger import SendLedger
 from relay.store.files.recovery import StoreLockedError
@@ -72,6 +72,7 @@ class FileStore:
         self._touched: set[str] | None = None  # ids moved while a rescan runs
         self._rescanning = asyncio.Lock()  # one rescan at a time: they share `_touched`
         self._mode: Literal["closed", "relay", "operator"] = "closed"
+        self._paused: frozenset[MailboxKey] = frozenset()  # paused.json as of the last refresh
 
     def has_room_for(self, size: int) -> bool:
         """Whether `size` more bytes leave the reserve free (the SMTP back-pressure check)."""
@@ -180,6 +181,7 @@ class FileStore:
             raise RuntimeError("recover() or open_for_operator() must run first")
         async with self._rescanning:
             await self._run(self._rescan)
+        self._paused = await self._run(paused.read, self.layout)
 
     async def stats(self, now: float) -> StoreStats:
         """From the index: no file-system call at all."""
@@ -229,6 +231,35 @@ class FileStore:
 
     async def purge(self, state: State) -> int:
         return await self._run(lambda: self._deleted(operator.purge(self.layout, state)))
+
+    # --- hold and pause (operator.py, paused.py) -----------------------------------------------
+
+    async def hold(self, queue_id: str) -> bool:
+        def hold() -> bool:
+            held = operator.hold(self.layout, queue_id)
+            if held is not None:
+                self._place(held, "hold")
+            return held is not None
+
+        return await self._run(hold)
+
+    async def unhold(self, queue_id: str) -> bool:
+        def unhold() -> bool:
+            queued = operator.unhold(self.layout, queue_id)
+            if queued is not None:
+                self._place(queued, "queue")
+            return queued is not None
+
+        return await self._run(unhold)
+
+    async def paused_mailboxes(self) -> frozenset[MailboxKey]:
+        return self._paused
+
+    async def pause_mailbox(self, key: MailboxKey) -> None:
+        self._paused = await self._run(paused.change, self.layout, lambda now: now | {key})
+
+    async def resume_mailbox(self, key: MailboxKey) -> None:
+        self._paused = await self._run(paused.change, self.layout, lambda now: now - {key})
 
     # --- the index (each runs in a worker thread, right after the disk work) ------------------
 
