@@ -33,6 +33,8 @@ from pathlib import Path
 from bench import MAILBOX, UNPACED, relay_config_text, sandbox_world, write_secret
 from bench.crash_soak import RelayProcess, free_port
 from bench.loadgen import LoadConfig, LoadGenerator, percentile
+from bench.report import put_section
+from bench.standard import RESULTS
 from relay.sandbox import Sandbox
 
 __all__ = ["Run", "main", "run_burst"]
@@ -183,16 +185,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-minute", type=int, default=600, help="messages_per_minute (600)")
     parser.add_argument("-c", "--concurrency", type=int, default=8, help="SMTP clients (8)")
     parser.add_argument("--graph-latency", type=float, default=0.05, metavar="SECONDS")
+    parser.add_argument("--write", action="store_true", help="put the table into RESULTS.md")
     args = parser.parse_args(argv)
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-budgets-") as work:
         runs = asyncio.run(_bench(args, Path(work)))
     single, pool = runs[1], runs[2]
-    print(
-        f"\npool of 4 / one mailbox: {pool.rate / single.rate:.2f}x the rate; "
+    summary = (
+        f"pool of 4 / one mailbox: {pool.rate / single.rate:.2f}x the rate; "
         f"p99 paced / unpaced: {single.p99 / runs[0].p99:.2f}x; "
         f"violations: {sum(r.violations for r in runs)}"
     )
+    print(f"\n{summary}")
+    if args.write:
+        table = "\n".join([HEADER, *(r.markdown() for r in runs)])
+        body = (
+            f"## Sending limits (`python -m bench.budgets`)\n\n{args.messages} messages, "
+            f"messages_per_minute {args.per_minute} (the sandbox enforcing it), Graph "
+            f"{args.graph_latency * 1000:.0f} ms, {args.concurrency} SMTP clients, hybrid mode.\n\n"
+            f"{table}\n\n{summary}\n"
+        )
+        RESULTS.write_text(put_section(RESULTS.read_text(), "budgets", body))
     return 0 if all(r.violations == 0 and r.delivered == r.accepted for r in runs) else 1
 
 

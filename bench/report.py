@@ -273,3 +273,25 @@ def render(
     errors = sum(o.relay_errors for o in outcomes)
     out += ["", f"Relay ERROR lines logged over all runs: {errors}.", ""]
     return "\n".join(out)
+
+
+def put_section(text: str, name: str, body: str) -> str:
+    """`text` with the section `name` (between its markers) replaced by `body`, or appended:
+    benchmarks outside the standard set keep their figures in RESULTS.md this way."""
+    start, end = f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+    block = f"{start}\n{body.rstrip()}\n{end}\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        return head + block + rest.split(end, 1)[1].lstrip("\n")
+    return text.rstrip() + "\n\n" + block
+
+
+def kept_sections(old: str, new: str) -> str:
+    """`new` with every marked section of `old` carried over (the standard set rewrites the
+    file; `python -m bench.budgets --write` owns its own section)."""
+    for chunk in old.split("<!-- section:")[1:]:
+        name, _, rest = chunk.partition(" -->")
+        body, found, _ = rest.partition(f"<!-- /section:{name} -->")
+        if found and f"<!-- section:{name} -->" not in new:
+            new = put_section(new, name, body.strip("\n"))
+    return new

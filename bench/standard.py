@@ -44,7 +44,7 @@ from bench.large_message import build_message as build_large_message
 from bench.loadgen import LoadConfig, LoadGenerator, Transaction, percentile
 from bench.procfs import ConnectionSampler, Memory, describe_machine, memory
 from bench.profile import Profile, Profiler, py_spy
-from bench.report import Outcome, render
+from bench.report import Outcome, kept_sections, render
 from relay.config.load import parse_config
 from relay.core.errors import ConfigError
 from relay.sandbox import MAILBOX_CONCURRENCY, Sandbox
@@ -359,7 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(args.dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="std-")))
         work.mkdir(parents=True, exist_ok=True)
         text = asyncio.run(_bench(args, work))
-    Path(args.output).write_text(text)
+    output = Path(args.output)
+    old = output.read_text() if output.exists() else ""
+    output.write_text(kept_sections(old, text))
     print(f"wrote {args.output}")
     return 0
 
