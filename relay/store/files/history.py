@@ -143,13 +143,15 @@ class FileHistory:
             path.unlink()
             return len(records)
         temp = path.with_name(path.name + ".tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            with open(temp, "wb") as out:
-                out.write(b"".join(_line(r) for r in kept))
-                out.flush()
-                if self._fsync:
-                    os.fsync(out.fileno())
-            os.replace(temp, path)
+            os.write(fd, b"".join(_line(r) for r in kept))
+            if self._fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(temp, path)  # readers see the old segment or the new one, never half
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()

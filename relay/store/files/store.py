@@ -40,8 +40,8 @@ from relay.core.budgets import SendRecord
 from relay.core.history import HistoryQuery, HistoryRecord
 from relay.core.values import EntryMeta, State
 from relay.store.files import operator
+from relay.store.files.history import SEGMENT_RECORDS, SEGMENTS, FileHistory, HistoryFiles
 from relay.store.files.layout import LIVE, CorruptEntryError, EntrySetAsideError, Layout
-from relay.store.files.history import SEGMENT_RECORDS, SEGMENTS, FileHistory
 from relay.store.files.ledger import SendLedger
 from relay.store.files.recovery import StoreLockedError
 from relay.store.files.spool import Spool
@@ -217,6 +217,11 @@ class FileStore:
         return sorted(found, key=lambda r: r.at)
 
     # --- the delivery history (history.py) ---------------------------------------------------
+
+    @staticmethod
+    def history_only(root: Path) -> HistoryFiles:
+        """The history files under `root` without the spool: a direct-mode relay's history."""
+        return HistoryFiles(FileHistory(root))
 
     async def record_history(self, records: Sequence[HistoryRecord]) -> None:
         if records:
