@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from relay import __version__
+from relay.cli.history import add_history_arguments
 from relay.config.advice import config_warnings
 from relay.config.load import load_config
 from relay.config.schema import ClientCertificate, Config
@@ -115,6 +116,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         from relay.cli.queue import run_queue_command
 
         return run_queue_command(config, args.action, args.queue_id, args.dead, stdout)
+    if args.command == "history":
+        from relay.cli.history import run_history_command
+
+        return run_history_command(config, args, stdout)
     return EXIT_USAGE  # pragma: no cover - argparse restricts the choices
 
 
@@ -145,6 +150,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     queue.add_argument(
         "--dead", action="store_true", help="list: dead letters; purge: required, purges them"
     )
+    add_history_arguments(with_config("history", "what became of each message (final outcomes)"))
     sandbox = commands.add_parser(
         "sandbox",
         help="try the relay against a local stand-in for Microsoft 365 (no tenant needed)",
