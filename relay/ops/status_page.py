@@ -241,12 +241,14 @@ def _history_section(history: HistoryView, subjects: bool) -> list[str]:
 
 
 _HISTORY_COLUMNS = (
-    "Settled", "Outcome", "Queue id", "Message-ID", "Sender", "Rcpts", "Route", "Mailbox",
-    "Path", "Graph", "Request-id", "Attempts", "Last error", "Remedy",
+    "Settled", "Outcome", "Queue id", "Message-ID", "Sender", "Rcpts", "Route / mailbox",
+    "Graph (path, status, request-id)", "Attempts", "Last error / remedy",
 )  # fmt: skip
 
 
 def _history_row(r: HistoryRecord, subjects: bool) -> list[str]:
+    graph = " ".join(p for p in (r.path, str(r.http_status or ""), r.request_id) if p)
+    error = f"{r.error} (remedy: {r.remedy})" if r.remedy else r.error
     row = [
         _time(r.settled),
         r.outcome,
@@ -254,14 +256,10 @@ def _history_row(r: HistoryRecord, subjects: bool) -> list[str]:
         r.message_id,
         f"<{r.sender}>",
         str(r.recipients),
-        r.route,
-        r.mailbox,
-        r.path,
-        "" if r.http_status is None else str(r.http_status),
-        r.request_id,
+        f"{r.route} / {r.mailbox}",
+        graph,
         str(r.attempts),
-        r.error,
-        r.remedy,
+        error,
     ]
     return [*row, r.subject or ""] if subjects else row
 
