@@ -5,8 +5,11 @@ and the status page's search box."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,9 +25,11 @@ from relay.ops.admin import AdminServer
 from relay.ops.metrics import RelayMetrics
 from relay.sandbox import Sandbox
 from relay.service import RelayService
+from relay.store.files import FileStore
 from tests.conftest import MAILBOX, RelayFactory, asmtp_send, message
 from tests.integration.test_cli import run_main, write_config
 from tests.integration.test_durability import eventually, port_of
+from tests.store.contract import settled
 
 HYBRID = "{mode: hybrid, inline_timeout: 5s, spool_dir: spool}"
 QUEUE = "{mode: queue, spool_dir: spool, retry: {first: 200ms, max: 1s, lifetime: 1h}}"
@@ -256,3 +261,30 @@ async def test_the_status_page_shows_and_searches_the_history(
     hostile = await page(server, "?q=%22%3E%3Cscript%3E")
     assert "<script>" not in hostile
     assert "No outcome recorded matches." in hostile
+
+
+def test_the_history_command_runs_as_its_own_process(sandbox: Sandbox, tmp_path: Path) -> None:
+    """Beside a running relay the CLI is another process reading the same files."""
+    path = write_config(sandbox, tmp_path, delivery=QUEUE)
+    now = time.time()
+    old = settled("OLD1", now - 40 * 86400)  # past the 30-day retention, not yet pruned
+    recent = [settled("GOOD1", now - 60), settled("BAD1", now - 30, outcome="expired")]
+    asyncio.run(FileStore.history_only(tmp_path / "spool").record_history([old, *recent]))
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "history", "-c", str(path), "--failed"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert " expired   BAD1 " in done.stdout
+    assert "GOOD1" not in done.stdout
+    everything = subprocess.run(
+        [sys.executable, "-m", "relay", "history", "-c", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert [r["queue_id"] for r in json.loads(everything.stdout)] == ["BAD1", "GOOD1"]
