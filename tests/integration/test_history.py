@@ -29,12 +29,14 @@ from relay.store.files import FileStore
 from tests.conftest import MAILBOX, RelayFactory, asmtp_send, message
 from tests.integration.test_cli import run_main, write_config
 from tests.integration.test_durability import eventually, port_of
+from tests.integration.test_large_messages import MB, grant_read_write, large_message
 from tests.store.contract import settled
 
 HYBRID = "{mode: hybrid, inline_timeout: 5s, spool_dir: spool}"
 QUEUE = "{mode: queue, spool_dir: spool, retry: {first: 200ms, max: 1s, lifetime: 1h}}"
 DOOMED = "{mode: queue, spool_dir: spool, retry: {first: 1ms, max: 1ms, lifetime: 1ms}}"
 DIRECT = "{mode: direct, inline_timeout: 5s, spool_dir: spool}"
+BIG_SMTP = "max_message_size: 50MiB"
 RECIPIENTS = ("bob@partner.example", "carol@partner.example")
 
 
@@ -288,3 +290,28 @@ def test_the_history_command_runs_as_its_own_process(sandbox: Sandbox, tmp_path:
         check=True,
     )
     assert [r["queue_id"] for r in json.loads(everything.stdout)] == ["BAD1", "GOOD1"]
+
+
+JSON_ROUTE = """\
+- senders: ["*@contoso.com"]
+  auth_object: contoso
+  mailbox: sender
+  save_to_sent_items: false
+"""
+
+
+async def test_the_send_path_is_recorded_for_json_and_upload(
+    start_relay: RelayFactory, sandbox: Sandbox
+) -> None:
+    """MIME is the default (above); a route that needs JSON, and a message past 4 MB."""
+    grant_read_write(sandbox)
+    relay = await start_relay(delivery=HYBRID, routes=JSON_ROUTE)
+    big = await start_relay(delivery=HYBRID.replace("spool}", "spool2}"), smtp_extra=BIG_SMTP)
+    await asmtp_send(port_of(relay), message())
+    raw, _ = large_message(4 * MB)
+    reply = await asmtp_send(port_of(big), raw)
+    assert "delivered" in reply.text
+    [as_json] = await outcomes(relay)
+    [uploaded] = await outcomes(big)
+    assert (as_json.path, uploaded.path) == ("json", "upload")
+    assert uploaded.http_status == 202
