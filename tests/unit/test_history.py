@@ -4,6 +4,7 @@ holds, and that a store that refuses never loses a record, never blocks, and is 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,13 @@ from relay.config.schema import Config
 from relay.core.errors import PermanentDeliveryError, SmtpReply
 from relay.core.history import HistoryQuery, HistoryRecord, select, subject_of
 from relay.core.lifecycle import Bury, Complete, Defer, Discard, NoRoute, Quarantine
-from relay.core.values import Delivered, EntryMeta
+from relay.core.values import Accepted, Delivered, EntryMeta, Refused
+from relay.delivery.engine import DeliveryEngine
 from relay.delivery.history import NO_ROUTE_REMEDY, PRUNE_EVERY, DeliveryHistory
+from relay.testing.fake_graph import Answer, FakeGraph
 from relay.testing.memory_store import MemoryStore
 from tests.store.contract import settled
-from tests.unit.delivery_parts import Clock, make_config
+from tests.unit.delivery_parts import SLOW, Clock, Parts, make_config
 
 MIME = b"From: app@contoso.com\r\nSubject: =?utf-8?b?w5xiZXJ3ZWlzdW5n?=\r\n\r\nbody\r\n"
 REFUSED = PermanentDeliveryError(
@@ -249,3 +252,32 @@ async def test_records_past_the_retention_are_pruned_at_most_once_per_interval(
     clock.now += PRUNE_EVERY
     history.settled(Complete(entry(queue_id="Q3")), Delivered(202, None, 1), None)
     assert "OLD2" not in {r.queue_id for r in await recorded(history, store)}
+
+
+# --- direct mode: the engine records what the waiting client was told -----------------------
+
+
+async def test_direct_mode_records_delivered_refused_and_unanswered(
+    tmp_path: Path, store: MemoryStore
+) -> None:
+    loaded = make_config(tmp_path, delivery="{mode: direct, inline_timeout: 200ms}")
+    graph = FakeGraph()
+    engine = DeliveryEngine(config=lambda: loaded, graph=graph, store=None, history=store)
+    parts = Parts(loaded, store=None)  # only for its submissions
+    hold = asyncio.Event()
+    graph.answer(None, SLOW, Answer(hold=hold))
+    try:
+        outcomes = [await engine.submit(parts.submission(f"D{n}")) for n in range(3)]
+    finally:
+        hold.set()
+    assert isinstance(outcomes[0], Accepted)
+    assert all(isinstance(o, Refused) for o in outcomes[1:])
+    await engine.stop(grace=1.0)  # writes what waits
+    found = {r.queue_id: r for r in await store.history(HistoryQuery())}
+    assert {q: (r.outcome, r.http_status, r.attempts) for q, r in found.items()} == {
+        "D0": ("delivered", 202, 1),
+        "D1": ("refused", 503, 1),
+        "D2": ("refused", None, 0),
+    }
+    assert found["D2"].error == "no answer from Graph in time"
+    assert found["D0"].path == "mime"
