@@ -93,6 +93,7 @@ class RelayService:
             store=self.store,
             metrics=self._sink,
             rescan_seconds=rescan_seconds,
+            history=None if self.store else FileStore.history_only(config.delivery.spool_dir),
         )
         self.limiter = ConnectionLimiter(
             total=config.smtp.max_connections,
@@ -142,6 +143,7 @@ class RelayService:
             queue=self.store.stats if self.store is not None else None,
             mailboxes=self.delivery.mailbox_report,
             degraded=self.delivery.degraded_reasons,
+            history=self.delivery.history.search,
         )
 
     @property
@@ -185,8 +187,7 @@ class RelayService:
             raise
 
     async def _recover_store(self) -> None:
-        """Recover the store and start the workers (a spool that cannot be opened is a
-        CannotStartError naming delivery.spool_dir and the fix)."""
+        """Recover the store, start the workers (a spool that cannot open: CannotStartError)."""
         with spool_opening(self._config.delivery.spool_dir):
             await self.delivery.start()
 

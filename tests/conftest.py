@@ -88,7 +88,7 @@ def relay_config_text(
     smtp_extra: str = "",
     clients: str | None = None,
     routes: str | None = None,
-    delivery: str = "{mode: direct, inline_timeout: 5s}",
+    delivery: str = "{mode: direct, inline_timeout: 5s, spool_dir: spool}",  # its history
     auth_extra: str = "",
 ) -> str:
     clients = clients or textwrap.dedent(

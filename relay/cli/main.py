@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from relay import __version__
+from relay.cli.history import add_history_arguments
 from relay.cli.queue_request import QueueRequest, add_queue_arguments
 from relay.config.advice import config_warnings
 from relay.config.load import load_config
@@ -121,6 +122,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
             print(f"queue: --older-than: {exc}", file=sys.stderr)
             return EXIT_USAGE
         return run_queue_command(config, request, stdout)
+    if args.command == "history":
+        from relay.cli.history import run_history_command
+
+        return run_history_command(config, args, stdout)
     return EXIT_USAGE  # pragma: no cover - argparse restricts the choices
 
 
@@ -147,6 +152,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     mail.add_argument("--to", dest="recipient", required=True, help="recipient address")
     queue = with_config("queue", "list and operate on the spool (works while the relay runs)")
     add_queue_arguments(queue)
+    add_history_arguments(with_config("history", "what became of each message (final outcomes)"))
     sandbox = commands.add_parser(
         "sandbox",
         help="try the relay against a local stand-in for Microsoft 365 (no tenant needed)",

@@ -39,6 +39,7 @@ __all__ = [
     "Config",
     "Credential",
     "DeliveryConfig",
+    "HistoryConfig",
     "LimitOverride",
     "ListenerConfig",
     "LoggingConfig",
@@ -93,6 +94,14 @@ class AdminConfig(StrictModel):
     hostnames: list[str] = Field(default_factory=list)
 
 
+class HistoryConfig(StrictModel):
+    """The delivery history (relay.core.history): every final outcome, kept for `retention`.
+    `subjects`: also keep each message's Subject (off: a subject can be personal data)."""
+
+    retention: Duration = Field(default=30 * 86400.0, gt=0)
+    subjects: bool = False
+
+
 class LoggingConfig(StrictModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -109,4 +118,5 @@ class Config(StrictModel):
     routes: list[RouteConfig] = Field(min_length=1)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    history: HistoryConfig = Field(default_factory=HistoryConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

@@ -215,6 +215,7 @@ class Delivered:
     request_id: str | None
     duration_ms: int
     sent_as: str = ""  # the mailbox it went out as (a pool member); "" = the entry's mailbox
+    path: str = "mime"  # how: "mime" | "json" | "upload" (relay.core.history.SEND_PATHS)
 
 
 Outcome = Delivered | DeliveryError

@@ -37,6 +37,7 @@ from relay.core.errors import (
     SmtpReply,
     TransientDeliveryError,
 )
+from relay.core.history import SendPath
 from relay.core.lifecycle import Postponed
 from relay.core.limits import (
     GRAPH_MAX_REQUEST_BYTES,
@@ -190,7 +191,7 @@ class GraphAttempts:
         chosen = self._choose(config, meta, mime, route)
         if isinstance(chosen, DeliveryError):
             return chosen
-        request, need = chosen
+        request, need, path = chosen
         if route.pool:
             auth = route.auth_object
             member = self.budgets.choose_member(
@@ -203,7 +204,7 @@ class GraphAttempts:
                 chosen = self._choose(config, meta, mime, route)
                 if isinstance(chosen, DeliveryError):
                     return chosen
-                request, need = chosen
+                request, need, path = chosen
         too_big = self.budgets.never_fits(route.auth_object, route.mailbox, need)
         if too_big is not None:
             return over_budget(route, too_big, need, self.budgets)
@@ -212,7 +213,7 @@ class GraphAttempts:
             return reservation
         used: Need | None = need  # cancelled half-way: Graph may have counted it all
         try:
-            result = await self._request(config, route, request)
+            result = await self._request(config, route, request, path)
             if isinstance(result, Postponed):
                 used = None
             return result
@@ -223,7 +224,7 @@ class GraphAttempts:
             self.budgets.finish(reservation, used)
 
     async def _request(
-        self, config: Config, route: Route, request: _Send
+        self, config: Config, route: Route, request: _Send, path: SendPath
     ) -> Delivered | Postponed:
         """The request itself, in one of the mailbox's Graph slots; raises DeliveryError.
         Postponed, unsent, when the mailbox was paused while this waited for its slot: the
@@ -254,6 +255,7 @@ class GraphAttempts:
             request_id=result.request_id,
             duration_ms=round((self._monotonic() - started) * 1000),
             sent_as=route.mailbox,
+            path=path,
         )
 
     def can_send_now(self, meta: EntryMeta) -> bool:
@@ -270,7 +272,7 @@ class GraphAttempts:
 
     def _choose(
         self, config: Config, meta: EntryMeta, mime: bytes, route: Route
-    ) -> tuple[_Send, Need] | DeliveryError:
+    ) -> tuple[_Send, Need, SendPath] | DeliveryError:
         """The request that can carry this message, and what it uses of the budgets: Graph
         JSON when the route needs it (DESIGN §3, §7), the large-message path past 4 MB, else
         one MIME request."""
@@ -278,17 +280,15 @@ class GraphAttempts:
         recipients = len(meta.recipients)
         if route.needs_json:
             json_send = self._json_send(meta, mime, route)
-            return (
-                json_send if isinstance(json_send, DeliveryError) else (json_send, Need(recipients))
-            )
+            if isinstance(json_send, DeliveryError):
+                return json_send
+            return json_send, Need(recipients), "json"
         if base64_size(len(mime)) <= GRAPH_MAX_REQUEST_BYTES:
-            return (lambda target: graph.send_mime(target, mime)), Need(recipients)
+            return (lambda target: graph.send_mime(target, mime)), Need(recipients), "mime"
         if config.delivery.large_messages == "upload":
-            return (lambda target: graph.send_large_mime(target, mime)), need_for_large(
-                recipients,
-                len(mime),
-                self.budgets.limits(route.auth_object, route.mailbox).upload_per_5_minutes,
-            )
+            upload_limit = self.budgets.limits(route.auth_object, route.mailbox)
+            need = need_for_large(recipients, len(mime), upload_limit.upload_per_5_minutes)
+            return (lambda target: graph.send_large_mime(target, mime)), need, "upload"
         return PermanentDeliveryError(
             "message too large for one Graph request (large_messages: reject)",
             reply=SmtpReply(

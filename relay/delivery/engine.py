@@ -44,6 +44,7 @@ from relay.delivery.attempt import (
     message_fields,
 )
 from relay.delivery.bounces import Bouncer
+from relay.delivery.history import DeliveryHistory
 from relay.delivery.mailboxes import mailbox_rows
 from relay.delivery.outcomes import RECORD_RETRY_FIRST, RECORD_RETRY_MAX, OutcomeRecorder
 from relay.delivery.pacing import no_budget_reply
@@ -51,7 +52,7 @@ from relay.delivery.routing import sent_as
 from relay.delivery.workers import RESCAN_SECONDS, QueueWorkers
 from relay.ops.mailbox_gauges import MailboxRow
 from relay.ops.metrics import NULL_METRICS, MetricsSink
-from relay.store.protocol import Store, StoreUnavailableError
+from relay.store.protocol import HistoryLog, Store, StoreUnavailableError
 
 __all__ = ["DeliveryEngine"]
 
@@ -102,8 +103,10 @@ class DeliveryEngine:
         metrics: MetricsSink = NULL_METRICS,
         rescan_seconds: float = RESCAN_SECONDS,
         record_retry: tuple[float, float] | None = None,
+        history: HistoryLog | None = None,  # where outcomes are kept; default: the store
     ) -> None:
         self._config = config
+        self.history = DeliveryHistory(config=config, store=history or store, clock=clock)
         self._clock = clock
         self._metrics = metrics
         self.store = store
@@ -130,6 +133,7 @@ class DeliveryEngine:
                 on_queued=self.wake,
                 retry_first=first,
                 retry_max=most,
+                history=self.history,
             )
             self.workers = QueueWorkers(
                 config=config,
@@ -213,6 +217,7 @@ class DeliveryEngine:
         if self.outcomes is not None:
             await self.outcomes.stop()
         await self.attempts.budgets.stop()
+        await self.history.flush()
 
     async def submit(self, submission: Submission) -> SubmitOutcome:
         """Deliver or queue per `delivery.mode`."""
@@ -314,10 +319,10 @@ class DeliveryEngine:
     # --- direct ---------------------------------------------------------------------------
 
     async def _direct(self, submission: Submission) -> SubmitOutcome:
-        meta = self._meta(submission)
+        meta, mime = self._meta(submission), submission.message.mime
         try:
             async with asyncio.timeout(self._config().delivery.inline_timeout):
-                outcome = await self.attempts.send(meta, submission.message.mime, submission.route)
+                outcome = await self.attempts.send(meta, mime, submission.route)
         except TimeoutError:
             log.warning(
                 "deferred %s: no answer from Graph in time",
@@ -334,6 +339,7 @@ class DeliveryEngine:
                     message="no answer from Graph in time",
                 )
             )
+            self.history.direct_refused(meta, "no answer from Graph in time", None, mime)
             return Refused(SLOW_GRAPH)
         if isinstance(outcome, Postponed):
             reply = no_budget_reply(outcome)
@@ -344,12 +350,15 @@ class DeliveryEngine:
                 extra={"event": "deferred", **message_fields(meta), "reply": str(reply)},
             )
             self._metrics.deferred(meta.route)
+            self.history.direct_refused(meta, outcome.reason, None, mime)
             return Refused(reply)
         if isinstance(outcome, DeliveryError):
             event = "deferred" if outcome.reply.is_transient else "failed"
             self.attempts.log_failure(meta, outcome, event)
+            self.history.direct_refused(meta, f"{outcome.reply}: {outcome.message}", outcome, mime)
             return Refused(outcome.reply)
         self.attempts.log_delivered(sent_as(meta, outcome), outcome)
+        self.history.direct_delivered(sent_as(meta, outcome), outcome, mime)
         return Accepted(meta.queue_id, "delivered")
 
     def _meta(self, submission: Submission) -> EntryMeta:

@@ -36,6 +36,7 @@ from relay.core.lifecycle import (
 from relay.core.values import Delivered, EntryMeta
 from relay.delivery.attempt import GraphAttempts, message_fields
 from relay.delivery.bounces import Bouncer, PendingBounce
+from relay.delivery.history import DeliveryHistory
 from relay.store.protocol import EntryNotFoundError, Store, StoreUnavailableError
 
 __all__ = ["OutcomeRecorder"]
@@ -68,7 +69,9 @@ class OutcomeRecorder:
         on_queued: Callable[[], None],
         retry_first: float = RECORD_RETRY_FIRST,
         retry_max: float = RECORD_RETRY_MAX,
+        history: DeliveryHistory | None = None,
     ) -> None:
+        self._history = history  # told each final outcome as it is decided
         self._store = store
         self._attempts = attempts
         self._bouncer = bouncer
@@ -94,6 +97,8 @@ class OutcomeRecorder:
 
     async def _carry_out(self, decision: Decision, result: Result, mime: bytes | None) -> None:
         self._report(decision, result)
+        if self._history is not None:
+            self._history.settled(decision, result, mime)
         pending = _Pending(decision, mime)
         if not await self._record(pending):
             self._keep(pending)

@@ -43,7 +43,7 @@ from relay.ops.health import (
 )
 from relay.ops.http_guard import HEADER_TIMEOUT, IDLE_TIMEOUT, GuardedConnections, HostPolicy
 from relay.ops.metrics import RelayMetrics
-from relay.ops.status_page import StatusView, render_status
+from relay.ops.status_page import HistoryView, StatusView, render_status
 
 __all__ = [
     "AdminServer",
@@ -181,6 +181,8 @@ class AdminServer:
     async def _status_page(self, request: web.Request) -> web.Response:
         now = self._clock()
         sources = self._checks.sources
+        search = request.query.get("q", "")
+        history, history_problem = await self._checks.history(search)
         page = render_status(
             StatusView(
                 now=now,
@@ -193,6 +195,7 @@ class AdminServer:
                 mailboxes=await self._checks.mailboxes(now),
                 errors=self._metrics.recent_errors(),
                 problems=await self._checks.readiness_problems(),
+                history=HistoryView(search, history, history_problem),
             )
         )
         return web.Response(text=page, content_type="text/html", headers=_PAGE_HEADERS)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from relay.config.schema import Config, ListenerConfig
+from relay.core.history import HistoryQuery, HistoryRecord
 from relay.graph.tokens import TokenStatus
 from relay.ops.mailbox_gauges import MailboxRow
 from relay.ops.queue_gauges import QueueReading
@@ -41,6 +42,7 @@ __all__ = [
     "BoundListenerView",
     "HealthChecks",
     "HealthSources",
+    "HistorySearch",
     "MailboxReport",
     "QueueStats",
     "SpoolProbe",
@@ -59,6 +61,8 @@ CHECK_TIMEOUT = 2.0
 QueueStats = Callable[[float], Awaitable[StoreStats]]
 # Each sending mailbox's budget and line at `now` (relay.delivery.mailboxes.mailbox_rows).
 MailboxReport = Callable[[float], Awaitable[Sequence[MailboxRow]]]
+# The delivery history, newest first (relay.delivery.history.DeliveryHistory.search).
+HistorySearch = Callable[[HistoryQuery], Awaitable[Sequence[HistoryRecord]]]
 
 
 class BoundListenerView(Protocol):
@@ -104,6 +108,7 @@ class HealthSources:
     queue: QueueStats | None = None
     mailboxes: MailboxReport | None = None
     degraded: Callable[[], Sequence[str]] = _nothing_degraded
+    history: HistorySearch | None = None
 
 
 def listener_problems(
@@ -203,6 +208,21 @@ class HealthChecks:
             problem = f"cannot read the mailbox budgets: {exc}"
         log.warning("%s", problem, extra={"event": "metrics_error"})
         return ()
+
+    async def history(self, text: str) -> tuple[Sequence[HistoryRecord], str]:
+        """The last outcomes matching the status page's search box, and a problem ("" when
+        none): the history is a page section, never a reason for 503."""
+        search = self.sources.history
+        if search is None:
+            return (), "no history is kept here"
+        query = HistoryQuery(text=text.strip()[:200])
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await search(query), ""
+        except TimeoutError:
+            return (), f"the history did not answer within {self._timeout:g}s"
+        except (StoreError, OSError) as exc:
+            return (), f"cannot read the history: {exc}"
 
     async def _probe(self, spool: SpoolProbe) -> list[str]:
         try:

@@ -17,13 +17,24 @@ from datetime import UTC, datetime
 
 from relay import __version__
 from relay.config.schema import Config, ListenerConfig
+from relay.core.history import HistoryRecord
 from relay.graph.tokens import TokenStatus
 from relay.ops.health import BoundListenerView
 from relay.ops.mailbox_gauges import MailboxRow
 from relay.ops.metrics import ErrorReport
 from relay.ops.queue_gauges import QueueReading
 
-__all__ = ["StatusView", "render_status"]
+__all__ = ["HistoryView", "StatusView", "render_status"]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryView:
+    """The History section: what was searched for (the `q` of `GET /?q=`), the newest
+    matching outcomes, and why there are none when the history could not be read."""
+
+    search: str = ""
+    records: Sequence[HistoryRecord] = ()
+    problem: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +51,7 @@ class StatusView:
     mailboxes: Sequence[MailboxRow]
     errors: Sequence[ErrorReport]
     problems: Sequence[str]
+    history: HistoryView = HistoryView()
 
 
 _STYLE = (
@@ -47,6 +59,8 @@ _STYLE = (
     "table{border-collapse:collapse;margin-bottom:1.5em}"
     "th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}"
     "th{background:#f0f0f0}.bad{color:#a00}.ok{color:#070}"
+    # Message-IDs and request-ids have no spaces: let them wrap rather than widen the page.
+    "table{max-width:100%}td{overflow-wrap:anywhere}"
 )
 
 
@@ -87,6 +101,7 @@ def render_status(view: StatusView) -> str:
         _tokens_table(view),
         f"<h2>Last delivery errors ({len(view.errors)})</h2>",
         _errors_table(view.errors),
+        *_history_section(view.history, view.config.history.subjects),
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
@@ -205,6 +220,48 @@ def _errors_table(errors: Sequence[ErrorReport]) -> str:
             for e in errors
         ],
     )
+
+
+def _history_section(history: HistoryView, subjects: bool) -> list[str]:
+    """A GET form (the page's CSP allows no script) and the newest outcomes it matches."""
+    title = f"History: matching {history.search!r}" if history.search else "History: the last 50"
+    form = (
+        '<form method="get" action="/"><label>Sender, Message-ID or queue id '
+        f'<input type="search" name="q" value="{_e(history.search)}"></label> '
+        '<button type="submit">Search</button></form>'
+    )
+    if history.problem:
+        found = f'<p class="bad">{_e(history.problem)}</p>'
+    elif not history.records:
+        found = "<p>No outcome recorded matches.</p>"
+    else:
+        columns = [*_HISTORY_COLUMNS, *(["Subject"] if subjects else [])]
+        found = _table(columns, [_history_row(r, subjects) for r in history.records])
+    return [f"<h2>{_e(title)}</h2>", form, found]
+
+
+_HISTORY_COLUMNS = (
+    "Settled", "Outcome", "Queue id", "Message-ID", "Sender", "Rcpts", "Route / mailbox",
+    "Graph (path, status, request-id)", "Attempts", "Last error / remedy",
+)  # fmt: skip
+
+
+def _history_row(r: HistoryRecord, subjects: bool) -> list[str]:
+    graph = " ".join(p for p in (r.path, str(r.http_status or ""), r.request_id) if p)
+    error = f"{r.error} (remedy: {r.remedy})" if r.remedy else r.error
+    row = [
+        _time(r.settled),
+        r.outcome,
+        r.queue_id,
+        r.message_id,
+        f"<{r.sender}>",
+        str(r.recipients),
+        f"{r.route} / {r.mailbox}",
+        graph,
+        str(r.attempts),
+        error,
+    ]
+    return [*row, r.subject or ""] if subjects else row
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -48,6 +48,13 @@ Beside them, the paused mailboxes (`queue pause`): a durable set of `MailboxKey`
 leave out of `due`, read again at every `refresh`, so a pause made by the CLI in another process
 takes effect within one rescan.
 
+Beside both, a store keeps the delivery history (`relay.core.history.HistoryRecord`): each
+message's final outcome. `record_history` appends, `history` answers a `HistoryQuery` newest
+first, `prune_history` forgets what settled before a time (the relay calls it with now minus
+`history.retention`); each store also bounds how many records it keeps, whatever their age.
+A direct-mode relay has no queue but keeps a history, so these three are their own protocol,
+`HistoryLog`, which every `Store` includes.
+
 `due` is a hint, not a claim: it lists candidates in order; the caller claims each one it can
 start, and a concurrent claimer (another worker, another relay, the CLI) simply wins the race.
 `refresh` picks up what other processes changed (the file store rescans its directories, a
@@ -62,11 +69,13 @@ from typing import Protocol
 
 from relay.core.budgets import SendRecord
 from relay.core.errors import RelayError
+from relay.core.history import HistoryQuery, HistoryRecord
 from relay.core.message.addresses import fold_ascii
 from relay.core.values import EntryMeta, State
 
 __all__ = [
     "EntryNotFoundError",
+    "HistoryLog",
     "MailboxKey",
     "RecoveryReport",
     "Store",
@@ -131,7 +140,23 @@ class StoreStats:
     held: int = 0  # entries the operator put on hold
 
 
-class Store(Protocol):
+class HistoryLog(Protocol):
+    """The delivery history's part of a store (module docstring)."""
+
+    async def record_history(self, records: Sequence[HistoryRecord]) -> None:
+        """Append final outcomes. Raises StoreUnavailableError."""
+        ...
+
+    async def history(self, query: HistoryQuery) -> Sequence[HistoryRecord]:
+        """The records `query` matches, newest first, at most `query.limit`."""
+        ...
+
+    async def prune_history(self, before: float) -> int:
+        """Forget the records settled before `before`; how many. Raises StoreUnavailableError."""
+        ...
+
+
+class Store(HistoryLog, Protocol):
     """A durable queue of messages; see the module docstring for the states and moves."""
 
     async def recover(self) -> RecoveryReport:

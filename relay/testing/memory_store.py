@@ -21,6 +21,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from relay.core.budgets import SendRecord
+from relay.core.history import HistoryQuery, HistoryRecord, select
 from relay.core.limits import CRASH_LIMIT
 from relay.core.values import EntryMeta, State, check_queue_id
 from relay.store.index import StoreIndex
@@ -47,13 +48,15 @@ class _Record:
 class MemoryStore:
     """An in-memory `Store`; see the module docstring for the failure switch."""
 
-    def __init__(self, *, free_bytes: int | None = None) -> None:
+    def __init__(self, *, free_bytes: int | None = None, history_limit: int = 100_000) -> None:
         self.fail_writes = False
+        self.history_limit = history_limit  # the bound: the oldest records go first
         self.free_bytes = free_bytes  # None = unbounded
         self._failures = 0
         self._records: dict[str, _Record] = {}
         self._sends: list[SendRecord] = []
         self._paused: set[MailboxKey] = set()
+        self._history: list[HistoryRecord] = []
         self._index = StoreIndex()
         self._open = False
 
@@ -68,10 +71,11 @@ class MemoryStore:
     def restarted(self) -> MemoryStore:
         """A new store over these records, as after kill -9: call `recover` on it next."""
         self._open = False
-        again = MemoryStore(free_bytes=self.free_bytes)
+        again = MemoryStore(free_bytes=self.free_bytes, history_limit=self.history_limit)
         again._records = self._records
         again._sends = self._sends
         again._paused = self._paused
+        again._history = self._history
         return again
 
     def has_room_for(self, size: int) -> bool:
@@ -187,6 +191,23 @@ class MemoryStore:
     async def sends_since(self, since: float) -> Sequence[SendRecord]:
         await asyncio.sleep(0)
         return sorted((r for r in self._sends if r.at >= since), key=lambda r: r.at)
+
+    # --- the delivery history ----------------------------------------------------------------
+
+    async def record_history(self, records: Sequence[HistoryRecord]) -> None:
+        await self._write("cannot record history")
+        self._history.extend(records)
+        del self._history[: max(0, len(self._history) - self.history_limit)]
+
+    async def history(self, query: HistoryQuery) -> Sequence[HistoryRecord]:
+        await asyncio.sleep(0)
+        return select(self._history, query)
+
+    async def prune_history(self, before: float) -> int:
+        await self._write("cannot prune history")
+        kept = [r for r in self._history if r.settled >= before]
+        dropped, self._history[:] = len(self._history) - len(kept), kept
+        return dropped
 
     # --- operator commands --------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from relay.core.budgets import SendRecord
+from relay.core.history import HistoryQuery, HistoryRecord
 from relay.core.limits import CRASH_LIMIT
 from relay.core.values import EntryMeta, State
 from relay.store.integrity import digest
@@ -66,6 +67,11 @@ class StoreContract(ABC):
     @abstractmethod
     def damage(self, store: Store, queue_id: str, message: bytes) -> None:
         """Replace `queue_id`'s stored bytes without telling the store."""
+
+    @abstractmethod
+    async def bounded_history(self, store: Store) -> tuple[Store, int]:
+        """A new, recovered, empty store (closed by the fixture) that keeps at most the number
+        of history records returned with it."""
 
     async def claimed(self, store: Store, queue_id: str = "Q1", **changes: Any) -> EntryMeta:
         await store.put(entry(queue_id, **changes), MESSAGE)
@@ -614,3 +620,78 @@ class StoreContract(ABC):
         paused = await store.paused_mailboxes()
         assert [e.queue_id for e in await store.due(NOW, 10, paused)] == ["A"]
         assert (await store.stats(NOW)).queued == 2
+
+    # --- the delivery history -----------------------------------------------------------------
+
+    async def test_history_is_read_back_newest_first(self, store: Store) -> None:
+        await store.record_history([settled("Q1", NOW - 30), settled("Q2", NOW - 10)])
+        await store.record_history([settled("Q3", NOW - 20)])
+        found = await store.history(HistoryQuery())
+        assert [r.queue_id for r in found] == ["Q2", "Q3", "Q1"]
+        assert found[0] == settled("Q2", NOW - 10)
+
+    async def test_history_filters_by_since_sender_message_id_failed_and_limit(
+        self, store: Store
+    ) -> None:
+        await store.record_history(
+            [
+                settled("Q1", NOW - 30, sender="scanner@contoso.com"),
+                settled("Q2", NOW - 20, sender="erp@contoso.com", outcome="failed"),
+                settled("Q3", NOW - 10, sender="ERP@contoso.com", outcome="expired"),
+            ]
+        )
+
+        async def ids(**query: Any) -> list[str]:
+            return [r.queue_id for r in await store.history(HistoryQuery(**query))]
+
+        assert await ids(since=NOW - 20) == ["Q3", "Q2"]
+        assert await ids(sender="erp@contoso.com") == ["Q3", "Q2"]
+        assert await ids(sender="*@CONTOSO.com", limit=2) == ["Q3", "Q2"]
+        assert await ids(message_id="Q1@relay.example.com") == ["Q1"]
+        assert await ids(message_id="<q2@relay.example.com>") == ["Q2"]
+        assert await ids(failed=True) == ["Q3", "Q2"]
+        assert await ids(text="scanner") == ["Q1"]
+        assert await ids(text="q3") == ["Q3"]
+
+    async def test_prune_history_forgets_what_settled_before_the_cut(self, store: Store) -> None:
+        await store.record_history([settled(f"Q{i}", NOW - 100 + i * 10) for i in range(10)])
+        assert await store.prune_history(NOW - 50) == 5
+        found = await store.history(HistoryQuery(limit=100))
+        assert sorted(r.queue_id for r in found) == ["Q5", "Q6", "Q7", "Q8", "Q9"]
+        assert await store.prune_history(NOW - 50) == 0
+
+    async def test_history_keeps_at_most_its_bound_newest_kept(self, store: Store) -> None:
+        small, bound = await self.bounded_history(store)
+        for i in range(40):
+            await small.record_history([settled(f"Q{i:02d}", NOW + i)])
+        found = await small.history(HistoryQuery(limit=1000))
+        assert bound // 2 <= len(found) <= bound
+        assert [r.queue_id for r in found[:4]] == ["Q39", "Q38", "Q37", "Q36"]
+
+    async def test_history_survives_a_restart(self, store: Store) -> None:
+        await store.record_history([settled("Q1", NOW)])
+        again = await self.restart(store)
+        await again.recover()
+        assert [r.queue_id for r in await again.history(HistoryQuery())] == ["Q1"]
+
+
+def settled(queue_id: str, at: float, **changes: Any) -> HistoryRecord:
+    """A delivered message's record, settled at `at`."""
+    base = HistoryRecord(
+        queue_id=queue_id,
+        message_id=f"<{queue_id}@relay.example.com>",
+        accepted=at - 2,
+        settled=at,
+        client="printers",
+        client_ip="10.0.5.7",
+        sender="scanner@contoso.com",
+        recipients=1,
+        route="routes[0]",
+        mailbox="scanner@contoso.com",
+        path="mime",
+        http_status=202,
+        request_id="req-1",
+        attempts=1,
+        outcome="delivered",
+    )
+    return replace(base, **changes)

@@ -43,6 +43,13 @@ class TestFileStoreContract(StoreContract):
         assert isinstance(store, FileStore)
         (store.root / "data" / f"{queue_id}.eml").write_bytes(message)
 
+    async def bounded_history(self, store: Store) -> tuple[Store, int]:
+        assert isinstance(store, FileStore)
+        small = FileStore(store.root.parent / "bounded", reserve_bytes=0, history_bound=(4, 2))
+        self.opened.append(small)
+        await small.recover()
+        return small, 12  # (2 old segments + the current one) x 4 records
+
 
 @pytest.fixture
 async def relay(tmp_path: Path) -> AsyncIterator[FileStore]:

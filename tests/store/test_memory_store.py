@@ -28,6 +28,11 @@ class TestMemoryStoreContract(StoreContract):
         assert isinstance(store, MemoryStore)
         store.damage(queue_id, message)
 
+    async def bounded_history(self, store: Store) -> tuple[Store, int]:
+        small = MemoryStore(history_limit=12)
+        await small.recover()
+        return small, 12
+
 
 @pytest.fixture
 async def memory() -> AsyncIterator[MemoryStore]:

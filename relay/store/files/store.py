@@ -37,8 +37,10 @@ from pathlib import Path
 from typing import Literal, ParamSpec, TypeVar
 
 from relay.core.budgets import SendRecord
+from relay.core.history import HistoryQuery, HistoryRecord
 from relay.core.values import EntryMeta, State
 from relay.store.files import operator, paused
+from relay.store.files.history import SEGMENT_RECORDS, SEGMENTS, FileHistory, HistoryFiles
 from relay.store.files.layout import LIVE, CorruptEntryError, EntrySetAsideError, Layout
 from relay.store.files.ledger import SendLedger
 from relay.store.files.recovery import StoreLockedError
@@ -59,12 +61,22 @@ class FileStore:
     """The embedded store under `root` (layout and rules: `relay.store.files`)."""
 
     def __init__(
-        self, root: Path, *, reserve_bytes: int, fsync: bool = True, threads: int = 32
+        self,
+        root: Path,
+        *,
+        reserve_bytes: int,
+        fsync: bool = True,
+        threads: int = 32,
+        history_bound: tuple[int, int] = (SEGMENT_RECORDS, SEGMENTS),  # records per segment, old
     ) -> None:
         self.spool = Spool(root, reserve_bytes=reserve_bytes, fsync=fsync)
         self.root = self.spool.root
         self.layout: Layout = self.spool.layout
         self.ledger = SendLedger(self.root, fsync=fsync)
+        records, segments = history_bound
+        self.history_files = FileHistory(
+            self.root, fsync=fsync, segment_records=records, segments=segments
+        )
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store")
         self._lock = threading.Lock()
         self._index = StoreIndex()
@@ -205,6 +217,23 @@ class FileStore:
     async def sends_since(self, since: float) -> Sequence[SendRecord]:
         found = await self._run(self.ledger.read_since, since)
         return sorted(found, key=lambda r: r.at)
+
+    # --- the delivery history (history.py) ---------------------------------------------------
+
+    @staticmethod
+    def history_only(root: Path) -> HistoryFiles:
+        """The history files under `root` without the spool: a direct-mode relay's history."""
+        return HistoryFiles(FileHistory(root))
+
+    async def record_history(self, records: Sequence[HistoryRecord]) -> None:
+        if records:
+            await self._run(self.history_files.append, records)
+
+    async def history(self, query: HistoryQuery) -> Sequence[HistoryRecord]:
+        return await self._run(self.history_files.search, query)
+
+    async def prune_history(self, before: float) -> int:
+        return await self._run(self.history_files.prune, before)
 
     # --- operator commands --------------------------------------------------------------------
 
