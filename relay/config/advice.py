@@ -99,6 +99,14 @@ def _share_a_char(a: tuple[bool, frozenset[str]], b: tuple[bool, frozenset[str]]
     return bool(set_a & set_b)
 
 
+def _some_char(token: _Token) -> bool:
+    """Whether a character matches `token` (an empty class such as `[?-.]` matches none)."""
+    if isinstance(token, str):
+        return True  # a star matches the empty string, and any character
+    negated, chars = token
+    return negated or bool(chars)
+
+
 def patterns_overlap(first: str, second: str) -> bool:
     """True when some address matches both glob patterns (as `fnmatchcase`, ASCII case folded)."""
     a, b = _tokens(first), _tokens(second)
@@ -108,9 +116,9 @@ def patterns_overlap(first: str, second: str) -> bool:
         if i == len(a) and j == len(b):
             return True
         if i < len(a) and a[i] == "*":  # the star matches nothing, or one more of b
-            return meet(i + 1, j) or (j < len(b) and meet(i, j + 1))
+            return meet(i + 1, j) or (j < len(b) and _some_char(b[j]) and meet(i, j + 1))
         if j < len(b) and b[j] == "*":
-            return meet(i, j + 1) or (i < len(a) and meet(i + 1, j))
+            return meet(i, j + 1) or (i < len(a) and _some_char(a[i]) and meet(i + 1, j))
         if i == len(a) or j == len(b):
             return False
         x, y = a[i], b[j]

@@ -59,3 +59,10 @@ def test_a_pattern_overlaps_itself_when_anything_matches_it(pattern: str) -> Non
     """A pattern no string can match (an empty class) overlaps nothing; any other overlaps
     itself."""
     assert patterns_overlap(pattern, pattern) is patterns_overlap(pattern, "*")
+
+
+def test_an_empty_class_overlaps_nothing_not_even_a_star() -> None:
+    """`[?-.]` is a reversed range: fnmatch matches no character with it (hypothesis found it)."""
+    assert not patterns_overlap("[?-.]", "*")
+    assert not patterns_overlap("a[?-.]@x", "*@x")
+    assert patterns_overlap("a[?-z]@x", "*@x")
