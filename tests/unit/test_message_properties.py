@@ -233,6 +233,7 @@ def stdlib_authors(value: str) -> tuple[str, ...] | None:
 @example("ceo@a.b scanner@a.b")
 @example('"x" ceo@a.b')
 @example("ceo@a.b <scanner@a.b>")
+@example("a@().a")  # hypothesis found it: a@.a to us, no address to the standard library
 def test_an_accepted_author_field_goes_to_graph_naming_what_the_policy_checked(value: str) -> None:
     """On any From text, read_authors refuses it, or the From field as prepared for Graph
     (`canonical_authors`) is read by the standard library's parser as exactly the addresses the

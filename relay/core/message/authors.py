@@ -71,9 +71,19 @@ def _author_items(field: Field, header: str) -> list[AddressItem]:
             raise UnreadableAuthorError(header, "a group is not a sender")
         if not item.strict or not item.addresses:
             raise UnreadableAuthorError(header, "it is not an RFC 5322 address list")
+        if not all(_well_formed(address) for address in item.addresses):
+            # `a@().a` reads as a@.a here and as no address at all to Python's parser
+            raise UnreadableAuthorError(header, "an address has an empty local part or label")
     if header == "Sender" and len(items) > 1:
         raise UnreadableAuthorError(header, "it may name only one address")
     return list(items)
+
+
+def _well_formed(address: str) -> bool:
+    """A local part and a domain of non-empty labels (RFC 5322 dot-atoms never start, end or
+    double a dot; a domain literal `[...]` is one label)."""
+    local, at, domain = address.rpartition("@")
+    return bool(at and local and domain) and all(domain.split("."))
 
 
 def _reply_to(fields: Iterable[Field]) -> tuple[str, ...]:
