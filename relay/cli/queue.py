@@ -32,6 +32,7 @@ from relay.core.values import EntryMeta, State
 from relay.delivery.budget import MailboxBudgets
 from relay.delivery.mailboxes import mailbox_rows
 from relay.graph.aadsts import remedy_for
+from relay.graph.errors import remedy_for_code
 from relay.store.files import FileStore
 from relay.store.index import entry_mailbox
 from relay.store.protocol import EntryNotFoundError, MailboxKey, Store
@@ -248,13 +249,14 @@ def _show(state: str, meta: EntryMeta, out: TextIO) -> None:
 
 def error_and_remedy(last_error: str) -> tuple[str, str]:
     """`last_error` is the SMTP reply with Graph's or Entra's code appended (the reply usually
-    names it already): the text with the code once, and the remedy an AADSTS code has."""
+    names it already): the text with the code once, and the remedy its AADSTS or Graph code
+    has."""
     text = last_error.strip()
     head, _, tail = text.rpartition(" ")
     if head and tail and tail in head:
         text = head
     code = _AADSTS_RE.search(text)
-    return text, remedy_for(code.group(0)) if code else ""
+    return text, remedy_for(code.group(0)) if code else remedy_for_code(text)
 
 
 def age(seconds: float) -> str:

@@ -47,6 +47,7 @@ __all__ = [
     "one_line",
     "parse_graph_error",
     "parse_retry_after",
+    "remedy_for_code",
 ]
 
 _MESSAGE_LIMIT = 300
@@ -173,6 +174,20 @@ def _inner(error: Mapping[str, Any]) -> Any:
         if key.lower() == "innererror" and isinstance(value, dict):
             return value
     return None
+
+
+_CODE_REMEDIES = {
+    "ErrorSendAsDenied": _REMEDY_SEND_AS,
+    "ErrorAccessDenied": _REMEDY_ACCESS,
+    "ErrorInvalidUser": _REMEDY_NO_MAILBOX,
+    "MailboxNotEnabledForRESTAPI": _REMEDY_NO_REST,
+    "ErrorInvalidRecipients": _REMEDY_RECIPIENTS,
+    "ErrorMessageSizeExceeded": _REMEDY_SIZE,
+    "RequestEntityTooLarge": _REMEDY_SIZE,
+    "InvalidAuthenticationToken": _REMEDY_401,
+    **{code: _REMEDY_MIME for code in MIME_ERROR_CODES},
+    **{code: _REMEDY_LIMIT for code in MAILBOX_LIMIT_CODES},
+}
 
 
 def parse_graph_error(body: bytes) -> GraphError:
@@ -304,6 +319,15 @@ def error_from_response(
         return permanent(554, "5.0.0", "Microsoft 365 refused the message", _REMEDY_OTHER)
     # 1xx/2xx/3xx other than 202: nothing says the message was accepted, so do not drop it.
     return transient("4.4.2", "Unexpected answer from Microsoft 365", _REMEDY_OTHER)
+
+
+def remedy_for_code(text: str) -> str:
+    """The remedy for the first Graph error code `text` names (an entry's last_error, for
+    `queue show`), or "" when it names none the relay knows."""
+    for code in re.findall(r"[A-Za-z_]+", text):
+        if code in _CODE_REMEDIES:
+            return _CODE_REMEDIES[code]
+    return ""
 
 
 def _mailbox_limit(status: int, codes: set[str], text: str) -> str | None:
