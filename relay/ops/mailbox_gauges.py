@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from relay.ops.queue_gauges import Precomputed
+
 __all__ = ["MailboxRow", "mailbox_families", "render_mailboxes"]
 
 _PREFIX = "smtp_graph_relay_"
@@ -75,13 +77,6 @@ def render_mailboxes(rows: Sequence[MailboxRow]) -> bytes:
     if not rows:
         return b""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Rows(mailbox_families(rows)))
+    registry.register(Precomputed(mailbox_families(rows)))
     return generate_latest(registry)
 
-
-class _Rows:
-    def __init__(self, families: Sequence[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> Sequence[Metric]:
-        return self._families

@@ -18,7 +18,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from relay.store.protocol import StoreStats
 
-__all__ = ["QueueReading", "render_queue"]
+__all__ = ["Precomputed", "QueueReading", "render_queue"]
 
 _PREFIX = "smtp_graph_relay_"
 
@@ -34,11 +34,11 @@ class QueueReading:
 def render_queue(reading: QueueReading, now: float) -> bytes:
     """The queue gauge families in the Prometheus text format."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Reading(queue_families(reading, now)))
+    registry.register(Precomputed(queue_families(reading, now)))
     return generate_latest(registry)
 
 
-class _Reading:
+class Precomputed:
     """A collector that yields families computed before the scrape (no I/O in collect)."""
 
     def __init__(self, families: Sequence[Metric]) -> None:
