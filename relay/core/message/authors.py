@@ -80,10 +80,12 @@ def _author_items(field: Field, header: str) -> list[AddressItem]:
 
 
 def _well_formed(address: str) -> bool:
-    """A local part and a domain of non-empty labels (RFC 5322 dot-atoms never start, end or
-    double a dot; a domain literal `[...]` is one label)."""
+    """A local part, and a domain (when there is one: cron's `From: root` has none) of
+    non-empty labels: RFC 5322 dot-atoms never start, end or double a dot."""
     local, at, domain = address.rpartition("@")
-    return bool(at and local and domain) and all(domain.split("."))
+    if not at:
+        return bool(address)
+    return bool(local and domain) and all(domain.split("."))
 
 
 def _reply_to(fields: Iterable[Field]) -> tuple[str, ...]:
