@@ -79,4 +79,3 @@ def render_mailboxes(rows: Sequence[MailboxRow]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Precomputed(mailbox_families(rows)))
     return generate_latest(registry)
-
