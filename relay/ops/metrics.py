@@ -37,7 +37,7 @@ by the configuration, and a route keeps its series when routes are inserted or r
                                                 answer (reason: the limit, e.g. MailboxConcurrency)
     mailbox_budget_used / _limit, queue_drain_eta_seconds, mailbox_waiting: per mailbox at
                                                 scrape time (relay.ops.mailbox_gauges)
-    queue_depth{state}                          gauge at scrape time: queued|active entries
+    queue_depth{state}                          gauge at scrape time: queued|active|held entries
     queue_oldest_age_seconds                    gauge at scrape time: oldest undelivered entry
     dead_letters{state}                         gauge at scrape time: dead|quarantine|corrupt
     spool_readable                              1 if the queue's counts could be read

@@ -70,6 +70,7 @@ def queue_families(reading: QueueReading, now: float) -> Sequence[Metric]:
     if stats is not None:
         depth.add_metric(["queued"], stats.queued)
         depth.add_metric(["active"], stats.active)
+        depth.add_metric(["held"], stats.held)  # `queue hold`: kept, not delivered until released
         age = 0.0 if stats.oldest_created is None else max(0.0, now - stats.oldest_created)
         oldest.add_metric([], age)
         dead.add_metric(["dead"], stats.dead)

@@ -137,11 +137,12 @@ def _queue_section(view: StatusView) -> str:
         else _duration(max(0.0, view.now - queue.oldest_created))
     )
     return _table(
-        ["Queued", "In delivery", "Oldest waiting", "Dead", "Quarantined", "Corrupt"],
+        ["Queued", "In delivery", "Held", "Oldest waiting", "Dead", "Quarantined", "Corrupt"],
         [
             [
                 str(queue.queued),
                 str(queue.active),
+                str(queue.held),
                 oldest,
                 str(queue.dead),
                 str(queue.quarantined),

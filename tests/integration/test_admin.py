@@ -383,7 +383,7 @@ async def test_the_status_page_reads_the_counts_once_and_lists_nothing(
     server = await start_admin(state.sources())
     page = (await get(server, "/")).text
     assert store.stats_calls == 1
-    assert "<td>20000</td><td>4</td><td>-</td><td>7</td><td>1</td><td>2</td>" in page
+    assert "<td>20000</td><td>4</td><td>0</td><td>-</td><td>7</td><td>1</td><td>2</td>" in page
 
 
 async def test_health_checks_do_not_read_the_queue(

@@ -231,11 +231,14 @@ def test_graph_error_codes_are_sanitised_and_bounded() -> None:
 def test_queue_gauges_render_the_reading_they_are_given() -> None:
     """queue_depth, queue_oldest_age_seconds and dead_letters come from one StoreStats."""
     reading = QueueReading(
-        StoreStats(queued=4, active=1, dead=2, quarantined=1, corrupt=3, oldest_created=910.0)
+        StoreStats(
+            queued=4, active=1, dead=2, quarantined=1, corrupt=3, oldest_created=910.0, held=5
+        )
     )
     text = RelayMetrics(clock=lambda: 1000.0).render(reading)
     assert sample(text, f"{P}queue_depth", state="queued") == 4
     assert sample(text, f"{P}queue_depth", state="active") == 1
+    assert sample(text, f"{P}queue_depth", state="held") == 5
     assert sample(text, f"{P}queue_oldest_age_seconds") == 90.0  # injected clock
     assert sample(text, f"{P}dead_letters", state="dead") == 2
     assert sample(text, f"{P}dead_letters", state="quarantine") == 1
