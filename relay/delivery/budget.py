@@ -89,6 +89,9 @@ class MailboxBudgets:
         self._limits_of: Config | None = None
         self._limits: dict[MailboxKey, MailboxLimits] = {}
         self._unsaved: list[SendRecord] = []
+        self._changed: set[MailboxKey] = set()  # reserved or finished since `blocked` looked
+        self._held_until: dict[MailboxKey, float | None] = {}  # blocked at its last look
+        self._blocked_for: Config | None = None
         self._saving: asyncio.Task[None] | None = None
         self._save_failing = False
 
@@ -139,16 +142,35 @@ class MailboxBudgets:
 
     def blocked(self) -> dict[MailboxKey, float | None]:
         """Mailboxes without room even for a one-recipient message, with the seconds until
-        they have it (None: when a request in flight ends)."""
+        they have it (None: when a request in flight ends).
+
+        Asked at every look at the queue, so it does not walk every mailbox of the day: only
+        a reservation can take a mailbox's room (time and finished requests only give it
+        back), so it looks again only at mailboxes reserved or finished since the last call,
+        at those whose wait has run out, and at all after a reload (new limits)."""
         now = self._clock()
+        config = self._config()
+        if config is not self._blocked_for:
+            self._blocked_for, self._changed = config, set(self._usage)
+        look = self._changed | {
+            key for key, until in self._held_until.items() if until is None or until <= now
+        }
+        self._changed = set()
         smallest = Need(recipients=1)
-        found: dict[MailboxKey, float | None] = {}
-        for key, usage in self._usage.items():
-            auth_object, mailbox = self._names[key]
-            wait = usage.wait(self.limits(auth_object, mailbox), smallest, now)
-            if wait != 0.0:
-                found[key] = wait
-        return found
+        for key in look:
+            usage = self._usage.get(key)
+            wait: float | None = 0.0
+            if usage is not None:
+                auth_object, mailbox = self._names[key]
+                wait = usage.wait(self.limits(auth_object, mailbox), smallest, now)
+            if wait == 0.0:
+                self._held_until.pop(key, None)
+            else:
+                self._held_until[key] = None if wait is None else now + wait
+        return {
+            key: None if until is None else max(0.0, until - now)
+            for key, until in self._held_until.items()
+        }
 
     def spent(self) -> Iterator[Spent]:
         """Each mailbox with sends in the ledger or in flight, and what its windows hold."""
@@ -201,6 +223,7 @@ class MailboxBudgets:
         if waiting is not None:
             return waiting
         token = self._usage_of(auth_object, mailbox).reserve(need)
+        self._changed.add(mailbox_key(auth_object, mailbox))
         return Reservation(auth_object, mailbox, need, token)
 
     def finish(self, reservation: Reservation, counted: Need | None) -> None:
@@ -210,6 +233,7 @@ class MailboxBudgets:
         now = self._clock()
         if usage is not None:
             usage.settle(reservation.token, now, counted)
+            self._changed.add(key)
         if counted is None or self._store is None:
             return
         self._unsaved.append(
@@ -252,6 +276,7 @@ class MailboxBudgets:
         if usage is None:
             usage = self._usage[key] = Usage()
             self._names[key] = (auth_object, mailbox)
+            self._changed.add(key)  # a new ledger (at load) may be spent already
         return usage
 
     @staticmethod
