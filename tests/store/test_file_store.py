@@ -51,23 +51,6 @@ class TestFileStoreContract(StoreContract):
         return small, 12  # (2 old segments + the current one) x 4 records
 
 
-@pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[FileStore]:
-    store = FileStore(tmp_path / "spool", reserve_bytes=0)
-    await store.recover()
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-async def cli(relay: FileStore) -> AsyncIterator[FileStore]:
-    """The `queue` CLI's view of the relay's spool, opened while the relay runs."""
-    store = FileStore(relay.root, reserve_bytes=0, threads=2)
-    await store.open_for_operator()
-    yield store
-    await store.close()
-
-
 async def test_a_second_relay_on_the_same_spool_is_refused(relay: FileStore) -> None:
     other = FileStore(relay.root, reserve_bytes=0)
     with pytest.raises(StoreLockedError):

@@ -6,30 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 
 from relay.store.files import FileStore
 from relay.store.protocol import mailbox_key
 from tests.store.contract import MESSAGE, NOW, entry
-
-
-@pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[FileStore]:
-    store = FileStore(tmp_path / "spool", reserve_bytes=0)
-    await store.recover()
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-async def cli(relay: FileStore) -> AsyncIterator[FileStore]:
-    store = FileStore(relay.root, reserve_bytes=0, threads=2)
-    await store.open_for_operator()
-    yield store
-    await store.close()
 
 
 async def test_a_spool_from_before_hold_gets_the_directory_on_first_hold(
